@@ -1,0 +1,52 @@
+"""Channel attention: which feature channels matter (CBAM's Mc)."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cbam.layers._checks import check_feature_map, hidden_channels
+from cbam.layers.pooling import check_pool_types, global_pool
+
+
+class ChannelAttention(nn.Module):
+    """sigmoid(sum over pools of MLP(pool(x))) scaling each channel, with ONE shared MLP.
+
+    As in the authors' code, the MLP is Linear(C, C/r) -> ReLU -> Linear(C/r, C) with biases
+    (so the output bias is added once per pool) and the biases start at zero. The gate goes
+    through `self.sigmoid`, a module, so a forward hook on it sees the gate values.
+    """
+
+    placement = "block"
+
+    def __init__(
+        self, channels: int, reduction: int = 16, pool_types: Sequence[str] = ("avg", "max")
+    ) -> None:
+        super().__init__()
+        hidden = hidden_channels(channels, reduction, type(self).__name__)
+        self.channels = channels
+        self.layer_name = type(self).__name__
+        self.pool_types: list[str] = list(check_pool_types(pool_types))
+        self.mlp = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
+        self.sigmoid = nn.Sigmoid()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in (self.mlp[0], self.mlp[2]):
+            layer.reset_parameters()
+            nn.init.zeros_(layer.bias)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The N x C x 1 x 1 channel gate for `x`, values in (0, 1)."""
+        check_feature_map(x, self.channels, self.layer_name)
+        pooled = torch.stack([global_pool(x, pool) for pool in self.pool_types])
+        logits = self.mlp(pooled).sum(dim=0)  # one batched MLP call for all pools
+        return self.sigmoid(logits).unsqueeze(-1).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+    def extra_repr(self) -> str:
+        return f"pool_types={tuple(self.pool_types)}"
