@@ -61,7 +61,7 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def model_entry(name: str) -> ModelEntry:
     if name not in _MODELS:
-        raise unknown_choice("model", name, _MODELS)
+        raise unknown_choice("model", name, list_models())
     return _MODELS[name]
 
 
