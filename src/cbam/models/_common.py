@@ -65,17 +65,17 @@ def init_weights(model: nn.Module) -> None:
 
 
 def check_image_batch(x: torch.Tensor, in_chans: int, model: str) -> None:
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(
-            f"{model} expects images as N x {in_chans} x H x W, got shape {list(x.shape)}; "
-            + (
-                "add the batch axis with x.unsqueeze(0)"
-                if x.dim() == 3
-                else f"create the model with in_chans={x.shape[1]} for {x.shape[1]}-channel images"
-                if x.dim() == 4
-                else "pass a 4-D batch of images"
-            )
-        )
+    if x.dim() == 4 and x.shape[1] == in_chans:
+        return
+    if x.dim() == 3:
+        fix = "add the batch axis with x.unsqueeze(0)"
+    elif x.dim() == 4:
+        fix = f"create the model with in_chans={x.shape[1]} for {x.shape[1]}-channel images"
+    else:
+        fix = "pass a 4-D batch of images"
+    raise ValueError(
+        f"{model} expects images as N x {in_chans} x H x W, got shape {list(x.shape)}; {fix}"
+    )
 
 
 class ClassifierMixin:
