@@ -1,13 +1,11 @@
-"""The `cbam` command: a thin layer over the Python API."""
+"""`cbam info`: parameters and MACs of every model beside the paper's figures."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import sys
-from collections.abc import Sequence
 
-from cbam import __version__
 from cbam._errors import unknown_choice
 from cbam.complexity import ComplexityRow, complexity_table
 from cbam.layers import list_attentions
@@ -60,13 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam", description="Paper-faithful CBAM attention for PyTorch."
-    )
-    parser.add_argument("--version", action="version", version=f"cbam {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(commands: argparse._SubParsersAction) -> None:
     info = commands.add_parser(
         "info", help="params and GMACs of every model, with the paper's figures beside them"
     )
@@ -77,17 +69,3 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     info.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     info.set_defaults(run=cmd_info)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except ValueError as error:
-        print(f"cbam {args.command}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
