@@ -7,9 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from cbam import __version__
-from cbam.cli import info
+from cbam.cli import compare, info, train
+from cbam.cli import eval as eval_
 
-COMMANDS = (info,)
+COMMANDS = (info, train, eval_, compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

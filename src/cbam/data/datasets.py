@@ -1,0 +1,187 @@
+"""Data sets by name, each split wrapped so augmentation is reproducible sample by sample."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset, default_collate
+from torchvision import datasets
+
+from cbam._errors import unknown_choice
+from cbam.data.fashion_mnist import fashion_mnist_root
+from cbam.data.transforms import imagenet_transforms, small_image_transforms
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int]] = {
+    "fashion-mnist": ((0.2860,), (0.3530,), 28),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32),
+}
+
+
+class SeededTransform(Dataset):
+    """Applies `transform` under a generator seeded by (seed, epoch, index).
+
+    A sample's augmentation then depends on nothing else: not the number of loader workers,
+    not the process it lands on under DDP, not where an interrupted run resumed.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        item = self.dataset[index]
+        if item is None:  # an unreadable image, already reported
+            return None
+        image, label = item
+        sample_seed = hash((self.seed, self.epoch, index)) % (2**63)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.transform(image), label
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder that reports an unreadable image by path instead of dying mid-epoch:
+    with strict=True it raises; otherwise it warns and yields None, which
+    `collate_skipping` drops and counts."""
+
+    def __init__(self, root: str, strict: bool = False) -> None:
+        super().__init__(root)
+        self.strict = strict
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:  # type: ignore[override]
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f)
+                image.load()
+                return image.convert("RGB"), label
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            message = f"unreadable image {path}: {error}"
+            if self.strict:
+                raise ValueError(f"{message}; remove or replace it (strict_data is on)") from None
+            warnings.warn(f"skipping {message}", stacklevel=2)
+            return None
+
+
+def collate_skipping(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Default collation of the readable samples, plus how many were skipped."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), len(batch)
+    images, labels = default_collate(kept)
+    return images, labels, len(batch) - len(kept)
+
+
+@dataclass
+class DataSplits:
+    train: SeededTransform
+    test: SeededTransform
+    num_classes: int
+    in_chans: int
+    classes: list[str]
+    image_size: int
+
+
+def _image_folder(root: Path, split: str, strict: bool) -> CheckedImageFolder:
+    folder = root / split
+    if not folder.is_dir():
+        raise ValueError(
+            f"imagefolder data needs {folder}/ with one sub-folder per class "
+            f"(ImageNet's layout: {root}/train/CLASS/*.JPEG and {root}/val/CLASS/*.JPEG)"
+        )
+    try:
+        return CheckedImageFolder(str(folder), strict=strict)
+    except FileNotFoundError as error:
+        raise ValueError(
+            f"no images found in {folder}: {error}; put each class's images in its own "
+            f"sub-folder ({folder}/CLASS/image.jpg)"
+        ) from None
+
+
+def _cifar(name: str, data_dir: str | None, train: bool) -> datasets.VisionDataset:
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    if data_dir is None:
+        raise ValueError(
+            f"{name} needs --data-dir: a folder holding torchvision's {cls.base_folder}/"
+        )
+    try:
+        return cls(data_dir, train=train, download=False)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} not found in {data_dir}: expected torchvision's {cls.base_folder}/ there "
+            f"(e.g. from torchvision.datasets.{cls.__name__}(root, download=True) on a "
+            f"machine with internet)"
+        ) from None
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | None = None,
+    augment: str = "small",
+    image_size: int | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    strict_data: bool = False,
+    seed: int = 0,
+) -> DataSplits:
+    """Train and test splits of a data set by name, with the recipe's transforms."""
+    if name not in DATASETS:
+        raise unknown_choice("dataset", name, DATASETS)
+    if name == "fashion-mnist":
+        root = str(fashion_mnist_root(data_dir))
+        train = datasets.FashionMNIST(root, train=True)
+        test = datasets.FashionMNIST(root, train=False)
+        classes = list(train.classes)
+    elif name in ("cifar10", "cifar100"):
+        train, test = _cifar(name, data_dir, True), _cifar(name, data_dir, False)
+        classes = list(train.classes)  # type: ignore[attr-defined]
+    else:
+        if data_dir is None:
+            raise ValueError("imagefolder needs --data-dir pointing at a train/ + val/ tree")
+        train = _image_folder(Path(data_dir), "train", strict_data)
+        test = _image_folder(Path(data_dir), "val", strict_data)
+        if test.classes != train.classes:
+            raise ValueError(
+                f"train/ and val/ in {data_dir} have different class folders "
+                f"({len(train.classes)} vs {len(test.classes)}); they must match"
+            )
+        classes = list(train.classes)
+
+    mean, std, native = STATS.get(name, (IMAGENET_MEAN, IMAGENET_STD, 224))
+    size = image_size or native
+    if augment == "small":
+        train_tf, test_tf = small_image_transforms(size, native, mean, std)
+    else:
+        train_tf, test_tf = imagenet_transforms(size, mean, std)
+
+    def first(dataset: Dataset, n: int | None) -> Dataset:
+        return dataset if n is None else Subset(dataset, range(min(n, len(dataset))))  # type: ignore[arg-type]
+
+    if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} in {data_dir} has an empty split; check the folder")
+    return DataSplits(
+        train=SeededTransform(first(train, train_subset), train_tf, seed),
+        test=SeededTransform(first(test, test_subset), test_tf, seed),
+        num_classes=len(classes),
+        in_chans=len(mean),
+        classes=classes,
+        image_size=size,
+    )

@@ -1,0 +1,104 @@
+"""Run-folder checkpoints: weights as safetensors, training state in a separate file.
+
+Both files are written to a temporary name and renamed into place, so a crash leaves the
+previous checkpoint intact. The two carry the same step number, checked when resuming.
+The state file holds only tensors and plain containers: it loads with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) then rename tmp over `path` (same folder, so the rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers, contiguous and detached, as safetensors wants them."""
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    state = model_state(model)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"weights file {path} does not exist") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({error}); it may be truncated"
+        ) from None
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load strictly, after checking every name and shape, so a mismatch changes nothing."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise ValueError(
+            f"{source} does not fit this model ({'; '.join(parts)}); it was saved from a "
+            f"different model, attention or number of classes"
+        )
+    model.load_state_dict(state)
+
+
+def save_training_state(state: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"training state {path} does not exist") from None
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable training state ({error})") from None
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file (we store the step number there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise ValueError(f"weights file {path} does not exist") from None
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable .safetensors file ({error})") from None

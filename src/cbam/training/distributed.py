@@ -1,0 +1,70 @@
+"""torchrun / DistributedDataParallel plumbing: which process am I, and on which device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on
+    CPU) and pick this process's device. A plain `python` launch is a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size == 1:
+        return Dist(), torch.device(device)
+    info = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+    return info, torch.device(f"cuda:{info.local_rank}" if on_cuda else "cpu")
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, info: Dist, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+    if not info.enabled:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), info).item() > 0)
+
+
+def average_buffers(model: torch.nn.Module, info: Dist) -> None:
+    """Average floating-point buffers (BN running statistics) over ranks. Each rank's BN saw
+    its own data, so without this rank 0's checkpoint would not be what the others hold."""
+    if not info.enabled:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(info.world_size)

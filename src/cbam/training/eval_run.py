@@ -1,0 +1,68 @@
+"""Evaluate saved weights: a run folder (its own config) or a weights file plus options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cbam.data import build_datasets, collate_skipping
+from cbam.training import checkpoint as ckpt
+from cbam.training.config import TrainConfig, load_config
+from cbam.training.evaluate import EvalMetrics, evaluate
+from cbam.training.trainer import amp_dtype, build_model
+
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def evaluate_source(
+    source: str | Path,
+    weights: str = "best",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[EvalMetrics, list[str], TrainConfig]:
+    """(metrics, class names, config) for a run folder or a weights file.
+
+    A run folder brings its config.yaml; `weights` picks best.safetensors or
+    last.safetensors. A bare weights file is read with the small recipe's defaults plus
+    `overrides` (model, attention, dataset, ...). Overrides also change evaluation-only
+    settings of a run (batch_size, device, workers, test_subset, data_dir, amp).
+    """
+    path = Path(source)
+    overrides = dict(overrides or {})
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ValueError(f"{path} is not a run folder: it has no config.yaml")
+        config = load_config(path / "config.yaml", overrides)
+        weights_file = path / f"{weights}.safetensors"
+    elif path.suffix in WEIGHT_SUFFIXES:
+        config = load_config("small", overrides)
+        weights_file = path
+    elif not path.exists():
+        raise ValueError(f"{path} does not exist; pass a run folder or a .safetensors file")
+    else:
+        raise ValueError(
+            f"{path} is neither a run folder nor a .safetensors file; convert other "
+            f"checkpoints with the interop loaders first"
+        )
+    device = torch.device(
+        config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    torch.set_flush_denormal(config.flush_denormal)
+    splits = build_datasets(
+        config.dataset, config.data_dir, config.augment, config.image_size,
+        None, config.test_subset, config.strict_data, config.seed,
+    )  # fmt: skip
+    model = build_model(config, splits)
+    ckpt.load_weights(model, ckpt.read_weights(weights_file), str(weights_file))
+    model.to(device)
+    loader = DataLoader(
+        splits.test, batch_size=config.batch_size, num_workers=config.workers,
+        collate_fn=collate_skipping,
+    )  # fmt: skip
+    metrics = evaluate(
+        model, loader, splits.num_classes, device, amp_dtype(config.amp, device),
+        config.channels_last,
+    )  # fmt: skip
+    return metrics, splits.classes, config

@@ -1,0 +1,439 @@
+"""The training loop: `train(config)` runs (or resumes) one run in its own folder.
+
+Run folder: config.yaml, metrics.csv, tb/ (TensorBoard), last.safetensors + last_state.pt
+(resumable), best.safetensors (lowest test top-1 error). Checkpoints are written at the end
+of each epoch and when SIGINT/SIGTERM arrives, at the next optimizer step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from cbam.complexity import count_parameters
+from cbam.data import DataSplits, build_datasets, collate_skipping
+from cbam.models import create_model
+from cbam.training import checkpoint as ckpt
+from cbam.training.config import TrainConfig, load_config, save_config
+from cbam.training.distributed import Dist, any_rank, average_buffers, setup, teardown
+from cbam.training.evaluate import EvalMetrics, evaluate
+
+METRIC_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "train_top1_err", "test_loss", "test_top1_err",
+    "test_top5_err", "train_images_per_s", "epoch_seconds", "skipped_images", "params",
+)  # fmt: skip
+RESUMABLE_OVERRIDES = {"epochs", "workers", "device", "log_every"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    interrupted: bool
+    best_top1_err: float
+    last: EvalMetrics | None
+    model: nn.Module
+
+
+def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
+    if amp is None:
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 AMP needs a CUDA device; on CPU use amp: bf16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """Warm-up (linear from 0), then the schedule, as a multiple of the scaled lr."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "step":
+        return config.step_gamma ** ((step // steps_per_epoch) // config.step_epochs)
+    if config.schedule == "cosine":
+        total = config.epochs * steps_per_epoch
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict[str, bool]]:
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second SIGINT aborts."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print(
+            f"\n{signal.Signals(signum).name}: saving a resumable checkpoint at the next step "
+            "(Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
+    model_kwargs = dict(config.model_kwargs)
+    if splits.image_size <= 64:
+        model_kwargs.setdefault("small_input", True)
+    return create_model(
+        config.model,
+        attention=config.attention,
+        num_classes=splits.num_classes,
+        in_chans=splits.in_chans,
+        attention_kwargs=config.attention_kwargs,
+        **model_kwargs,
+    )
+
+
+def _prepare_run(
+    config: TrainConfig, resume: str | Path | None, overrides: dict[str, Any] | None
+) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
+    """The run folder and config: a fresh folder, or a saved run to continue."""
+    if resume is None:
+        run_dir = Path(config.output)
+        if (run_dir / "last_state.pt").exists() or (run_dir / "config.yaml").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                f"or choose another --output"
+            )
+        return config, run_dir, None
+    run_dir = Path(resume)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "last_state.pt").is_file():
+        raise ValueError(
+            f"nothing to resume in {run_dir}: it needs config.yaml and last_state.pt "
+            f"(written at the end of each epoch or on Ctrl-C)"
+        )
+    extra = set(overrides or {}) - RESUMABLE_OVERRIDES
+    if extra:
+        raise ValueError(
+            f"a resumed run keeps its saved config; only {sorted(RESUMABLE_OVERRIDES)} may "
+            f"change, not {sorted(extra)}"
+        )
+    saved = load_config(run_dir / "config.yaml", {k: v for k, v in (overrides or {}).items()})
+    state = ckpt.read_training_state(run_dir / "last_state.pt")
+    weights_step = ckpt.read_metadata(run_dir / "last.safetensors").get("step")
+    if weights_step != str(state["step"]):
+        raise ValueError(
+            f"{run_dir}: last.safetensors (step {weights_step}) and last_state.pt (step "
+            f"{state['step']}) disagree; the run folder was modified or a write was cut off"
+        )
+    if state["epoch"] >= saved.epochs and state["batch_in_epoch"] == 0:
+        raise ValueError(
+            f"the run in {run_dir} already finished all {saved.epochs} epochs; to train "
+            f"longer, resume with --epochs N (N > {saved.epochs}) or start a new run"
+        )
+    return saved, run_dir, state
+
+
+def train(
+    config: TrainConfig,
+    resume: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train `config` (or resume the run in `resume`, with execution-only `overrides`).
+
+    `on_step(global_step, model)` runs after every optimizer step (tests use it to interrupt
+    a run or to break the model).
+    """
+    dist_info, device = setup(config.device)
+    try:
+        config, run_dir, state = _prepare_run(config, resume, overrides)
+        return _train(config, run_dir, state, dist_info, device, on_step)
+    finally:
+        teardown()
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    state: dict[str, Any] | None,
+    dist_info: Dist,
+    device: torch.device,
+    on_step: Callable[[int, nn.Module], None] | None,
+) -> TrainResult:
+    main = dist_info.is_main
+    log = print if main else (lambda *a, **k: None)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.set_flush_denormal(config.flush_denormal)  # process-wide; a no-op where unsupported
+    dtype = amp_dtype(config.amp, device)
+
+    # ---- data ---------------------------------------------------------------------------
+    splits = build_datasets(
+        config.dataset, config.data_dir, config.augment, config.image_size,
+        config.train_subset, config.test_subset, config.strict_data, config.seed,
+    )  # fmt: skip
+    world = dist_info.world_size
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must divide by {world} processes")
+    per_rank_batch = config.batch_size // world
+    sampler = DistributedSampler(
+        splits.train, num_replicas=world, rank=dist_info.rank, shuffle=True, seed=config.seed
+    )
+    batches_per_epoch = len(sampler) // per_rank_batch  # drop_last: every step is full
+    steps_per_epoch = batches_per_epoch // config.accumulate
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(splits.train)} training images make no full step of batch "
+            f"{config.batch_size} x accumulate {config.accumulate}; lower the batch size"
+        )
+    test_share = torch.utils.data.Subset(
+        splits.test, range(dist_info.rank, len(splits.test), world)
+    )
+    test_loader = DataLoader(
+        test_share, batch_size=per_rank_batch, num_workers=config.workers,
+        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+    # ---- model, optimizer, schedule -----------------------------------------------------
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.sync_bn and dist_info.enabled:
+        if device.type != "cuda":
+            raise ValueError("sync_bn needs CUDA devices (SyncBatchNorm has no CPU version)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    params = count_parameters(model)
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.scaled_lr, momentum=config.momentum,
+            nesterov=config.nesterov, weight_decay=config.weight_decay,
+        )  # fmt: skip
+    else:
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.scaled_lr, weight_decay=config.weight_decay
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay
+        else None
+    )
+    start_epoch, start_batch, step, best = 0, 0, 0, math.inf
+    if state is not None:
+        ckpt.load_weights(model, ckpt.read_weights(run_dir / "last.safetensors"), str(run_dir))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
+        step, best = state["step"], state["best_top1_err"]
+    net: nn.Module = model
+    if dist_info.enabled:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if config.compile:
+        net = torch.compile(net)
+
+    # ---- logging ------------------------------------------------------------------------
+    writer = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if state else None)
+        log(
+            f"{config.model} + {config.attention or 'no attention'}: {params / 1e6:.3f}M params | "
+            f"{config.dataset}: {len(splits.train)} train / {len(splits.test)} test images | "
+            f"{steps_per_epoch} steps/epoch x {config.epochs} epochs | batch {config.batch_size} "
+            f"on {world} x {device.type} | lr {config.scaled_lr:g} | run folder {run_dir}"
+            + (f" | resuming at epoch {start_epoch + 1}, step {step}" if state else "")
+        )
+
+    def sync_buffers() -> None:
+        """Collective: every rank calls it before evaluating or saving."""
+        for module in (model, ema):
+            if module is not None:
+                average_buffers(module, dist_info)
+
+    def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        sync_buffers()
+        if not main:
+            return
+        ckpt.save_weights(model, run_dir / "last.safetensors", {"step": str(step)})
+        ckpt.save_training_state(
+            {
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "step": step,
+                "best_top1_err": best,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            run_dir / "last_state.pt",
+        )
+
+    # ---- the loop -----------------------------------------------------------------------
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    last: EvalMetrics | None = None
+    epoch = start_epoch
+    with stop_on_signals() as signals:
+        for epoch in range(start_epoch, config.epochs):
+            splits.train.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            skip = start_batch if epoch == start_epoch else 0
+            order = list(sampler)[skip * per_rank_batch :]
+            loader = DataLoader(
+                splits.train, batch_size=per_rank_batch, sampler=order, drop_last=True,
+                num_workers=config.workers, collate_fn=collate_skipping,
+                pin_memory=device.type == "cuda",
+            )  # fmt: skip
+            net.train()
+            loss_sum, hits, seen, skipped = (torch.zeros((), device=device) for _ in range(4))
+            t0 = time.perf_counter()
+            bar = tqdm(
+                loader, total=batches_per_epoch - skip, desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
+            )  # fmt: skip
+            for batch_in_epoch, (images, labels, n_skipped) in enumerate(bar, start=skip + 1):
+                skipped += n_skipped
+                if labels.numel() == 0:
+                    continue
+                images, labels = images.to(device, non_blocking=True), labels.to(device)
+                if config.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = net(images)
+                    loss = criterion(logits.float(), labels)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at epoch {epoch + 1}, step {step}; stopped "
+                        f"without saving, so {run_dir / 'last.safetensors'} is still the last "
+                        f"good checkpoint. Try a lower --lr, a warm-up (warmup_epochs), or "
+                        f"--amp off"
+                    )
+                scaler.scale(loss / config.accumulate).backward()
+                loss_sum += loss.detach() * labels.numel()
+                hits += (logits.argmax(1) == labels).sum()
+                seen += labels.numel()
+                if batch_in_epoch % config.accumulate:
+                    continue
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                step += 1
+                if main and step % config.log_every == 0:
+                    rate = seen.item() * world / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    writer.add_scalar("train/loss", loss.item(), step)  # type: ignore[union-attr]
+                if on_step is not None:
+                    on_step(step, model)
+                if any_rank(signals["stop"], dist_info, device):
+                    save_checkpoint(epoch, batch_in_epoch)
+                    log(
+                        f"stopped at epoch {epoch + 1}, step {step}; resume with --resume {run_dir}"
+                    )
+                    return TrainResult(run_dir, epoch, True, best, last, model)
+            bar.close()
+            seconds = time.perf_counter() - t0
+            sync_buffers()
+            eval_model = ema.module if ema is not None else model
+            last = evaluate(
+                eval_model, test_loader, splits.num_classes, device, dtype,
+                config.channels_last, dist_info,
+            )  # fmt: skip
+            totals = torch.stack([loss_sum, hits, seen, skipped])
+            if dist_info.enabled:
+                torch.distributed.all_reduce(totals)
+            train_loss, train_err = (
+                (totals[0] / totals[2]).item(),
+                100 * (1 - totals[1] / totals[2]).item(),
+            )
+            improved = last.top1_err < best
+            best = min(best, last.top1_err)
+            start_batch = 0
+            save_checkpoint(epoch + 1, 0)
+            if main:
+                if improved:
+                    ckpt.save_weights(eval_model, run_dir / "best.safetensors", {"step": str(step)})
+                row = {
+                    "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                    "train_loss": train_loss, "train_top1_err": train_err,
+                    "test_loss": last.loss, "test_top1_err": last.top1_err,
+                    "test_top5_err": last.top5_err,
+                    "train_images_per_s": totals[2].item() / seconds, "epoch_seconds": seconds,
+                    "skipped_images": int(totals[3].item()) + last.skipped,
+                    "params": params,
+                }  # fmt: skip
+                _append_metrics(run_dir / "metrics.csv", row)
+                for key in (
+                    "train_loss",
+                    "train_top1_err",
+                    "test_loss",
+                    "test_top1_err",
+                    "test_top5_err",
+                ):
+                    writer.add_scalar(key.replace("_", "/", 1), row[key], step)  # type: ignore[union-attr]
+                writer.flush()  # type: ignore[union-attr]
+                note = (
+                    f" | skipped {row['skipped_images']} unreadable images"
+                    if row["skipped_images"]
+                    else ""
+                )
+                log(
+                    f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f} err "
+                    f"{train_err:.2f}% | test loss {last.loss:.4f} top-1 err {last.top1_err:.2f}% "
+                    f"top-5 err {last.top5_err:.2f}% | {row['train_images_per_s']:.0f} img/s, "
+                    f"{seconds:.0f}s{note}"
+                )
+    if writer is not None:
+        writer.close()
+    return TrainResult(run_dir, config.epochs, False, best, last, model)
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
