@@ -5,15 +5,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: main test test-slow lint format clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: main data test test-slow lint format clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-main: $(INSTALLED)  ## the main job (until training lands: the model/complexity table)
-	$(BIN)/cbam info
+main: $(INSTALLED) data  ## ResNet-20 with and without CBAM on Fashion-MNIST, side by side
+	$(BIN)/cbam compare --output runs/main
+
+data:  ## Debian's Fashion-MNIST package (cbam falls back to a download if this fails)
+	test -d $(FASHION_MNIST) || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq dataset-fashion-mnist; } || \
+		echo "warning: could not install dataset-fashion-mnist; cbam will try to download it"
 
 test: $(INSTALLED)  ## the default test suite (about a minute on 2 cores)
 	$(BIN)/python -m pytest -m "not slow" -q
