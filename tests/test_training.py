@@ -211,3 +211,27 @@ def test_checkpoint_from_another_model(tmp_path):
     truncated.write_bytes((done.run_dir / "best.safetensors").read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"not a readable .safetensors"):
         evaluate_source(truncated, overrides={"model": "resnet20"})
+
+
+def test_amp_channels_last_accumulation_and_ema(tmp_path):
+    config = tiny(tmp_path, epochs=1, amp="bf16", channels_last=True, accumulate=2,
+                  ema_decay=0.9, optimizer="adamw", lr=0.002, label_smoothing=0.1)  # fmt: skip
+    result = train(config)
+    metrics = rows(result.run_dir)
+    assert int(metrics[0]["step"]) == 3  # 6 batches, 2 per optimizer step
+    assert math.isfinite(float(metrics[0]["test_loss"]))
+    state = torch.load(result.run_dir / "last_state.pt", weights_only=True)
+    assert state["ema"] is not None and state["optimizer"]["state"]
+    # best.safetensors holds the EMA weights the test error was measured with.
+    evaluated, _, _ = evaluate_source(result.run_dir, "best")
+    assert evaluated.top1_err == pytest.approx(float(metrics[0]["test_top1_err"]), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_closely(tmp_path):
+    eager = train(tiny(tmp_path, "eager", epochs=1))
+    compiled = train(tiny(tmp_path, "compiled", epochs=1, compile=True))
+    we = weights(eager.run_dir / "last.safetensors")
+    wc = weights(compiled.run_dir / "last.safetensors")
+    for key in we:
+        torch.testing.assert_close(wc[key], we[key], rtol=1e-3, atol=1e-4)
