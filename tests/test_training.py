@@ -68,9 +68,9 @@ def test_resume_after_interrupt_is_bit_identical(tmp_path):
     assert_same_weights(
         reference.run_dir / "last.safetensors", resumed.run_dir / "last.safetensors"
     )
-    assert rows(reference.run_dir) and [r["test_top1_err"] for r in rows(reference.run_dir)] == [
-        r["test_top1_err"] for r in rows(resumed.run_dir)
-    ]
+    columns = ("epoch", "step", "lr", "train_loss", "train_top1_err", "test_loss", "test_top1_err")
+    expected = [[r[c] for c in columns] for r in rows(reference.run_dir)]
+    assert [[r[c] for c in columns] for r in rows(resumed.run_dir)] == expected
 
 
 def test_eval_reproduces_the_logged_test_error(tmp_path):

@@ -288,7 +288,12 @@ def _train(
             if module is not None:
                 average_buffers(module, dist_info)
 
-    def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+    def save_checkpoint(
+        epoch: int,
+        batch_in_epoch: int,
+        epoch_totals: torch.Tensor | None = None,
+        epoch_seconds: float = 0.0,
+    ) -> None:
         sync_buffers()
         if not main:
             return
@@ -303,6 +308,10 @@ def _train(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
+                "epoch_totals": (
+                    epoch_totals.cpu() if epoch_totals is not None else torch.zeros(4)
+                ),
+                "epoch_seconds": epoch_seconds,
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
@@ -325,14 +334,19 @@ def _train(
                 pin_memory=device.type == "cuda",
             )  # fmt: skip
             net.train()
-            loss_sum, hits, seen, skipped = (torch.zeros((), device=device) for _ in range(4))
+            # loss sum, correct, seen, skipped; carried over when resuming mid-epoch
+            totals = torch.zeros(4, dtype=torch.float64, device=device)
             t0 = time.perf_counter()
+            if skip and state is not None:
+                if main:  # saved already summed over ranks
+                    totals += state["epoch_totals"].to(device)
+                t0 -= state["epoch_seconds"]
             bar = tqdm(
                 loader, total=batches_per_epoch - skip, desc=f"epoch {epoch + 1}/{config.epochs}",
                 disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
             )  # fmt: skip
             for batch_in_epoch, (images, labels, n_skipped) in enumerate(bar, start=skip + 1):
-                skipped += n_skipped
+                totals[3] += n_skipped
                 if labels.numel() == 0:
                     continue
                 images, labels = images.to(device, non_blocking=True), labels.to(device)
@@ -349,9 +363,9 @@ def _train(
                         f"--amp off"
                     )
                 scaler.scale(loss / config.accumulate).backward()
-                loss_sum += loss.detach() * labels.numel()
-                hits += (logits.argmax(1) == labels).sum()
-                seen += labels.numel()
+                totals[0] += loss.detach() * labels.numel()
+                totals[1] += (logits.argmax(1) == labels).sum()
+                totals[2] += labels.numel()
                 if batch_in_epoch % config.accumulate:
                     continue
                 scaler.step(optimizer)
@@ -362,13 +376,16 @@ def _train(
                     ema.update_parameters(model)
                 step += 1
                 if main and step % config.log_every == 0:
-                    rate = seen.item() * world / (time.perf_counter() - t0)
+                    rate = totals[2].item() * world / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     writer.add_scalar("train/loss", loss.item(), step)  # type: ignore[union-attr]
                 if on_step is not None:
                     on_step(step, model)
                 if any_rank(signals["stop"], dist_info, device):
-                    save_checkpoint(epoch, batch_in_epoch)
+                    partial = totals.clone()
+                    if dist_info.enabled:
+                        torch.distributed.all_reduce(partial)
+                    save_checkpoint(epoch, batch_in_epoch, partial, time.perf_counter() - t0)
                     log(
                         f"stopped at epoch {epoch + 1}, step {step}; resume with --resume {run_dir}"
                     )
@@ -381,7 +398,6 @@ def _train(
                 eval_model, test_loader, splits.num_classes, device, dtype,
                 config.channels_last, dist_info,
             )  # fmt: skip
-            totals = torch.stack([loss_sum, hits, seen, skipped])
             if dist_info.enabled:
                 torch.distributed.all_reduce(totals)
             train_loss, train_err = (
