@@ -205,11 +205,12 @@ def test_resume_refusals(tmp_path):
 
 def test_checkpoint_from_another_model(tmp_path):
     done = train(tiny(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match=r"does not fit this model.*missing: layer1.3"):
+    fits = r"(?s)does not fit.*missing key.*layer1\.3.*fits create_model\('resnet20'"
+    with pytest.raises(ValueError, match=fits):
         evaluate_source(done.run_dir / "best.safetensors", overrides={"model": "resnet32"})
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes((done.run_dir / "best.safetensors").read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"not a readable .safetensors"):
+    with pytest.raises(ValueError, match=r"cut.safetensors"):
         evaluate_source(truncated, overrides={"model": "resnet20"})
 
 
@@ -235,3 +236,28 @@ def test_compiled_training_matches_eager_closely(tmp_path):
     wc = weights(compiled.run_dir / "last.safetensors")
     for key in we:
         torch.testing.assert_close(wc[key], we[key], rtol=1e-3, atol=1e-4)
+
+
+def test_eval_reads_an_authors_format_checkpoint(tmp_path):
+    """Our weights renamed to the CBAM authors' keys and wrapped as their training script
+    saves them (REFERENCE.md section 1) evaluate exactly like the run itself."""
+    done = train(tiny(tmp_path, epochs=1))
+    renames = {
+        "attention.channel.mlp.0.": "cbam.ChannelGate.mlp.1.",
+        "attention.channel.mlp.2.": "cbam.ChannelGate.mlp.3.",
+        "attention.spatial.conv.": "cbam.SpatialGate.spatial.conv.",
+        "attention.spatial.bn.": "cbam.SpatialGate.spatial.bn.",
+    }
+    official = {}
+    for key, value in weights(done.run_dir / "best.safetensors").items():
+        for ours, theirs in renames.items():
+            key = key.replace(ours, theirs)
+        official[f"module.{key}"] = value
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 1, "arch": "resnet", "state_dict": official, "best_prec1": 0.0}, path)
+    run_metrics, _, _ = evaluate_source(done.run_dir, "best")
+    official_metrics, _, _ = evaluate_source(
+        path, overrides={"model": "resnet20", "test_subset": 96, "batch_size": 32}
+    )
+    assert official_metrics.top1_err == pytest.approx(run_metrics.top1_err, abs=1e-9)
+    assert official_metrics.loss == pytest.approx(run_metrics.loss, rel=1e-6)

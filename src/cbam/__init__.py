@@ -1,5 +1,17 @@
 """cbam: paper-faithful Convolutional Block Attention Module (Woo et al., ECCV 2018)."""
 
+from cbam.interop import (
+    CheckpointError,
+    IdentityBlend,
+    LoadReport,
+    attach,
+    export_model,
+    load_checkpoint,
+    load_official,
+    load_torchvision,
+    read_checkpoint,
+    verify_export,
+)
 from cbam.layers import (
     BAM,
     CBAM,
@@ -18,10 +30,20 @@ __all__ = [
     "CBAM",
     "SE",
     "ChannelAttention",
+    "CheckpointError",
+    "IdentityBlend",
+    "LoadReport",
     "SpatialAttention",
     "__version__",
+    "attach",
     "create_attention",
     "create_model",
+    "export_model",
     "list_attentions",
     "list_models",
+    "load_checkpoint",
+    "load_official",
+    "load_torchvision",
+    "read_checkpoint",
+    "verify_export",
 ]

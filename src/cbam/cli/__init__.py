@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from cbam import __version__
-from cbam.cli import compare, info, train
+from cbam.cli import compare, export, info, train
 from cbam.cli import eval as eval_
 
-COMMANDS = (info, train, eval_, compare)
+COMMANDS = (info, train, eval_, compare, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,21 +72,31 @@ def create_model(
     num_classes: int = 1000,
     in_chans: int = 3,
     attention_kwargs: Mapping[str, Any] | None = None,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Build a registered backbone, optionally with attention ("se", "bam", "cbam").
 
     `attention_kwargs` go to the attention layer (e.g. {"kernel_size": 3}); `model_kwargs`
-    to the model (e.g. small_input=True, widen=2.0, width_mult=0.7).
+    to the model (e.g. small_input=True, widen=2.0, width_mult=0.7). `checkpoint` (a .pth,
+    .pth.tar or .safetensors file, or a state dict) is loaded all or nothing: the CBAM
+    authors' format, torchvision's (attention then stays at its init) or ours, see
+    `cbam.load_checkpoint`.
     """
     entry = model_entry(name)
     error = unknown_kwargs(name, model_kwargs, entry.accepted_kwargs())
     if error is not None:
         raise error
-    return entry.builder(
+    model = entry.builder(
         attention=attention,
         attention_kwargs=attention_kwargs,
         num_classes=num_classes,
         in_chans=in_chans,
         **model_kwargs,
     )
+    if checkpoint is not None:
+        # Imported here: models must not import interop (imports go layers <- models <- interop).
+        from cbam.interop.checkpoints import load_checkpoint
+
+        load_checkpoint(model, checkpoint)
+    return model

@@ -1,4 +1,5 @@
 """Run-folder checkpoints: weights as safetensors, training state in a separate file.
+(Reading weights back goes through `cbam.interop.load_checkpoint`, which checks them all.)
 
 Both files are written to a temporary name and renamed into place, so a crash leaves the
 previous checkpoint intact. The two carry the same step number, checked when resuming.
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -42,40 +43,6 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     state = model_state(model)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
-
-
-def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ValueError(f"weights file {path} does not exist") from None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
-            f"{path} is not a readable .safetensors file ({error}); it may be truncated"
-        ) from None
-
-
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load strictly, after checking every name and shape, so a mismatch changes nothing."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
-            if items:
-                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-                parts.append(f"{label}: {', '.join(items[:5])}{more}")
-        raise ValueError(
-            f"{source} does not fit this model ({'; '.join(parts)}); it was saved from a "
-            f"different model, attention or number of classes"
-        )
-    model.load_state_dict(state)
 
 
 def save_training_state(state: dict[str, Any], path: Path) -> None:

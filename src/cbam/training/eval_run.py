@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from cbam.data import build_datasets, collate_skipping
-from cbam.training import checkpoint as ckpt
+from cbam.interop import load_checkpoint
 from cbam.training.config import TrainConfig, load_config
 from cbam.training.evaluate import EvalMetrics, evaluate
 from cbam.training.trainer import amp_dtype, build_model
 
-WEIGHT_SUFFIXES = (".safetensors",)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar")
 
 
 def evaluate_source(
@@ -25,9 +25,10 @@ def evaluate_source(
     """(metrics, class names, config) for a run folder or a weights file.
 
     A run folder brings its config.yaml; `weights` picks best.safetensors or
-    last.safetensors. A bare weights file is read with the small recipe's defaults plus
-    `overrides` (model, attention, dataset, ...). Overrides also change evaluation-only
-    settings of a run (batch_size, device, workers, test_subset, data_dir, amp).
+    last.safetensors. A bare weights file (ours, torchvision's or the CBAM authors' .pth.tar)
+    is read with the small recipe's defaults plus `overrides` (model, attention, dataset,
+    ...). Overrides also change evaluation-only settings of a run (batch_size, device,
+    workers, test_subset, data_dir, amp).
     """
     path = Path(source)
     overrides = dict(overrides or {})
@@ -40,11 +41,11 @@ def evaluate_source(
         config = load_config("small", overrides)
         weights_file = path
     elif not path.exists():
-        raise ValueError(f"{path} does not exist; pass a run folder or a .safetensors file")
+        raise ValueError(f"{path} does not exist; pass a run folder or a weights file")
     else:
         raise ValueError(
-            f"{path} is neither a run folder nor a .safetensors file; convert other "
-            f"checkpoints with the interop loaders first"
+            f"{path} is neither a run folder nor a weights file "
+            f"({', '.join(WEIGHT_SUFFIXES)})"
         )
     device = torch.device(
         config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +56,7 @@ def evaluate_source(
         None, config.test_subset, config.strict_data, config.seed,
     )  # fmt: skip
     model = build_model(config, splits)
-    ckpt.load_weights(model, ckpt.read_weights(weights_file), str(weights_file))
+    load_checkpoint(model, weights_file, source="cbam" if path.is_dir() else "auto")
     model.to(device)
     loader = DataLoader(
         splits.test, batch_size=config.batch_size, num_workers=config.workers,

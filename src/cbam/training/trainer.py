@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from cbam.complexity import count_parameters
 from cbam.data import DataSplits, build_datasets, collate_skipping
+from cbam.interop import load_checkpoint
 from cbam.models import create_model
 from cbam.training import checkpoint as ckpt
 from cbam.training.config import TrainConfig, load_config, save_config
@@ -249,7 +250,7 @@ def _train(
     )
     start_epoch, start_batch, step, best = 0, 0, 0, math.inf
     if state is not None:
-        ckpt.load_weights(model, ckpt.read_weights(run_dir / "last.safetensors"), str(run_dir))
+        load_checkpoint(model, run_dir / "last.safetensors", source="cbam")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])

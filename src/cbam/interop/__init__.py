@@ -1,0 +1,46 @@
+"""Interoperability: the CBAM authors' checkpoints, torchvision and timm backbones, export.
+
+Imports go one way: layers <- models <- interop <- cli.
+"""
+
+from cbam.interop.attach import SUPPORTED as ATTACH_SUPPORTED
+from cbam.interop.attach import attach
+from cbam.interop.checkpoints import (
+    LoadReport,
+    load_checkpoint,
+    load_official,
+    load_torchvision,
+)
+from cbam.interop.errors import CheckpointError
+from cbam.interop.export import (
+    FORMATS,
+    export_model,
+    onnx_batch_axis,
+    onnx_op_types,
+    verify_export,
+)
+from cbam.interop.identify import guess_model
+from cbam.interop.identity_blend import IdentityBlend
+from cbam.interop.official import convert_official, is_official
+from cbam.interop.safe_load import Checkpoint, read_checkpoint
+
+__all__ = [
+    "ATTACH_SUPPORTED",
+    "FORMATS",
+    "Checkpoint",
+    "CheckpointError",
+    "IdentityBlend",
+    "LoadReport",
+    "attach",
+    "convert_official",
+    "export_model",
+    "guess_model",
+    "is_official",
+    "load_checkpoint",
+    "load_official",
+    "load_torchvision",
+    "onnx_batch_axis",
+    "onnx_op_types",
+    "read_checkpoint",
+    "verify_export",
+]
