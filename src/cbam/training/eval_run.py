@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
-from cbam.data import build_datasets, collate_skipping
+from cbam.data import DataSplits, build_datasets, collate_skipping
 from cbam.interop import load_checkpoint
 from cbam.training.config import TrainConfig, load_config
 from cbam.training.evaluate import EvalMetrics, evaluate
@@ -17,12 +19,20 @@ from cbam.training.trainer import amp_dtype, build_model
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar")
 
 
-def evaluate_source(
-    source: str | Path,
-    weights: str = "best",
-    overrides: dict[str, Any] | None = None,
-) -> tuple[EvalMetrics, list[str], TrainConfig]:
-    """(metrics, class names, config) for a run folder or a weights file.
+@dataclass
+class LoadedRun:
+    """A trained model ready to use, with the config and data it was trained on."""
+
+    model: nn.Module  # in eval mode, on `device`
+    config: TrainConfig
+    splits: DataSplits
+    device: torch.device
+
+
+def load_run(
+    source: str | Path, weights: str = "best", overrides: dict[str, Any] | None = None
+) -> LoadedRun:
+    """Rebuild a trained model from a run folder or a weights file.
 
     A run folder brings its config.yaml; `weights` picks best.safetensors or
     last.safetensors. A bare weights file (ours, torchvision's or the CBAM authors' .pth.tar)
@@ -44,12 +54,10 @@ def evaluate_source(
         raise ValueError(f"{path} does not exist; pass a run folder or a weights file")
     else:
         raise ValueError(
-            f"{path} is neither a run folder nor a weights file "
-            f"({', '.join(WEIGHT_SUFFIXES)})"
+            f"{path} is neither a run folder nor a weights file ({', '.join(WEIGHT_SUFFIXES)})"
         )
-    device = torch.device(
-        config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if config.device == "auto" else config.device)
     torch.set_flush_denormal(config.flush_denormal)
     splits = build_datasets(
         config.dataset, config.data_dir, config.augment, config.image_size,
@@ -57,13 +65,24 @@ def evaluate_source(
     )  # fmt: skip
     model = build_model(config, splits)
     load_checkpoint(model, weights_file, source="cbam" if path.is_dir() else "auto")
-    model.to(device)
+    return LoadedRun(model.to(device).eval(), config, splits, device)
+
+
+def evaluate_source(
+    source: str | Path,
+    weights: str = "best",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[EvalMetrics, list[str], TrainConfig]:
+    """(metrics, class names, config) of a run folder or weights file on its test split;
+    arguments as for `load_run`."""
+    run = load_run(source, weights, overrides)
+    config = run.config
     loader = DataLoader(
-        splits.test, batch_size=config.batch_size, num_workers=config.workers,
+        run.splits.test, batch_size=config.batch_size, num_workers=config.workers,
         collate_fn=collate_skipping,
     )  # fmt: skip
     metrics = evaluate(
-        model, loader, splits.num_classes, device, amp_dtype(config.amp, device),
+        run.model, loader, run.splits.num_classes, run.device, amp_dtype(config.amp, run.device),
         config.channels_last,
     )  # fmt: skip
-    return metrics, splits.classes, config
+    return metrics, run.splits.classes, config
