@@ -16,16 +16,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     output = overrides.pop("output", "runs/compare")
     config = load_config(args.config, overrides)
     rows = compare_attentions(config, args.attentions, output)
-    print(f"\n{config.model} on {config.dataset}, {config.epochs} epochs, seed {config.seed}:")
-    print("| attention | params (M) | test top-1 err % | test top-5 err % | best top-1 err % "
-          "| train img/s | minutes | run folder |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r.attention} | {r.params / 1e6:.3f} | {r.test_top1_err:.2f} | "
-            f"{r.test_top5_err:.2f} | {r.best_top1_err:.2f} | {r.train_images_per_s:.0f} | "
-            f"{r.minutes:.1f} | {r.run_dir} |"
-        )
+    if rows:
+        print(f"\n{config.model} on {config.dataset}, {config.epochs} epochs, seed {config.seed}:")
+        print("| attention | params (M) | test top-1 err % | test top-5 err % | best top-1 err % "
+              "| train img/s | minutes | run folder |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r.attention} | {r.params / 1e6:.3f} | {r.test_top1_err:.2f} | "
+                f"{r.test_top5_err:.2f} | {r.best_top1_err:.2f} | {r.train_images_per_s:.0f} | "
+                f"{r.minutes:.1f} | {r.run_dir} |"
+            )
     if len(rows) < len(args.attentions):
         print("interrupted: run the same command again to resume")
         return 130
