@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from cbam import __version__
-from cbam.cli import compare, export, info, train
+from cbam.cli import bench, compare, explain, export, info, train
 from cbam.cli import eval as eval_
 
-COMMANDS = (info, train, eval_, compare, export)
+COMMANDS = (info, train, eval_, compare, explain, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

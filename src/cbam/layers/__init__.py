@@ -1,7 +1,7 @@
 """Attention layers. Each takes `channels` first and works on any N x C x H x W tensor."""
 
 from cbam.layers.bam import BAM
-from cbam.layers.cbam import CBAM, ORDERS
+from cbam.layers.cbam import CBAM, IMPLS, ORDERS, set_cbam_impl
 from cbam.layers.channel_attention import ChannelAttention
 from cbam.layers.create_attention import (
     ATTENTION_LAYERS,
@@ -17,6 +17,7 @@ __all__ = [
     "ATTENTION_LAYERS",
     "BAM",
     "CBAM",
+    "IMPLS",
     "ORDERS",
     "POOL_TYPES",
     "SE",
@@ -28,4 +29,5 @@ __all__ = [
     "get_attention",
     "global_pool",
     "list_attentions",
+    "set_cbam_impl",
 ]

@@ -1,15 +1,24 @@
 """CBAM (Woo et al., ECCV 2018): channel attention, then spatial attention."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from cbam._errors import unknown_choice
+from cbam.layers._checks import has_hooks
 from cbam.layers.channel_attention import ChannelAttention
+from cbam.layers.fused_cbam import (
+    batch_norm_settings,
+    fused_cbam,
+    fused_cbam_residual,
+    fused_unsupported_reason,
+)
 from cbam.layers.spatial_attention import SPATIAL_METHODS, SpatialAttention
 
 ORDERS = ("channel_spatial", "spatial_channel", "parallel")
+IMPLS = ("auto", "reference", "fused")
 
 
 class CBAM(nn.Module):
@@ -30,6 +39,14 @@ class CBAM(nn.Module):
             computed from the same input and multiplied in, x * Mc(x) * Ms(x). The paper does
             not spell out its parallel variant; this is the one that keeps the two sigmoid
             gates unchanged and differs from the sequential orders only in what Ms sees.
+        impl: "auto" (default): the fused implementation (`fused_cbam.py`: same values and
+            gradients, less memory and time) wherever it applies, else the reference;
+            "reference": always the paper's equations as separate ops; "fused": like "auto",
+            but a variant the fused path cannot compute (lp/lse pooling, spatial_channel) is
+            an error. Both fused modes run the reference when a forward hook (or any other
+            module hook) sits on a submodule such as `channel.sigmoid`, so hooks always see the
+            gates; and under autocast, tracing, export, TorchScript, and deterministic CUDA.
+            Change it later with `module.impl = ...` or `set_cbam_impl(model, ...)`.
     """
 
     placement = "block"
@@ -42,8 +59,11 @@ class CBAM(nn.Module):
         spatial: str | None = "pool",
         kernel_size: int = 7,
         order: str = "channel_spatial",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise unknown_choice("impl", impl, IMPLS)
         if order not in ORDERS:
             raise unknown_choice("order", order, ORDERS)
         if spatial is not None and spatial not in SPATIAL_METHODS:
@@ -56,8 +76,22 @@ class CBAM(nn.Module):
         self.order = order
         self.channel = ChannelAttention(channels, reduction, pool_types)
         self.spatial = SpatialAttention(channels, kernel_size, spatial) if spatial else None
+        reason = fused_unsupported_reason(self.channel.pool_types, order)
+        if impl == "fused" and reason is not None:
+            raise ValueError(
+                f"impl='fused' cannot compute {reason}; use impl='auto' to fall back to the "
+                f"reference implementation for this variant"
+            )
+        self.fused_supported = reason is None
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._use_fused(x, False):
+            return self._fused_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's equations as separate ops (REFERENCE.md section 1)."""
         if self.spatial is None:
             return x * self.channel.gate(x)
         if self.order == "channel_spatial":
@@ -68,5 +102,81 @@ class CBAM(nn.Module):
             return x * self.channel.gate(x)
         return x * self.channel.gate(x) * self.spatial.gate(x)
 
+    @torch.jit.unused
+    def _use_fused(self, x: torch.Tensor, hooks_on_self: bool = False) -> bool:
+        """Whether this call may take the fused path (see `impl` in the class docstring)."""
+        if self.impl == "reference" or not self.fused_supported:
+            return False
+        if x.dim() != 4 or x.shape[1] != self.channel.channels or not x.is_floating_point():
+            return False  # the reference path raises the helpful error or handles it
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return False
+        device = x.device.type
+        if device == "meta" or torch.compiler.is_exporting():
+            return False  # shape and FLOP counting, export: the reference graph
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            return False
+        if device != "cpu" and torch.are_deterministic_algorithms_enabled():
+            return False  # the fused backward scatters with atomics off the CPU
+        children = list(self.children())
+        return not has_hooks(*([self, *children] if hooks_on_self else children))
+
+    @torch.jit.unused
+    def _fused_params(self) -> list[Any]:
+        """Parameters and settings in the order `FusedCBAM` takes them."""
+        mlp = self.channel.mlp._modules  # the Sequential's dict: indexing it is slow
+        fc1, fc2 = mlp["0"], mlp["2"]
+        params: list[Any] = [fc1.weight, fc1.bias, fc2.weight, fc2.bias]  # type: ignore[union-attr]
+        sp = self.spatial
+        if sp is None:
+            params += [None] * 6 + [tuple(self.channel.pool_types), False, 0, False, 0.0, 0.0]
+            return params
+        compress = sp.compress.weight if isinstance(sp.compress, nn.Conv2d) else None
+        use_batch, factor, rm, rv = batch_norm_settings(sp.bn)
+        params += [compress, sp.conv.weight, sp.bn.weight, sp.bn.bias, rm, rv]
+        params += [tuple(self.channel.pool_types), self.order == "parallel", sp.conv.padding[0]]
+        params += [use_batch, factor, sp.bn.eps]
+        return params
+
+    @torch.jit.unused
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_cbam(x, self._fused_params())
+
+    @torch.jit.unused
+    def fused_residual(
+        self,
+        pre_bn: torch.Tensor,
+        bn: nn.Module,
+        identity: torch.Tensor,
+        *others: nn.Module,
+    ) -> torch.Tensor | None:
+        """relu(self(bn(pre_bn)) + identity), a residual block's tail, fused; None when the
+        fused path does not apply (then run the separate modules). `others` are further
+        modules the caller would have run (e.g. its ReLU), checked for hooks."""
+        if type(bn) is not nn.BatchNorm2d or has_hooks(bn, *others):
+            return None
+        if identity.shape != pre_bn.shape or identity.dtype != pre_bn.dtype:
+            return None
+        if not self._use_fused(pre_bn, hooks_on_self=True):
+            return None
+        return fused_cbam_residual(pre_bn, bn, identity, self._fused_params())
+
     def extra_repr(self) -> str:
-        return f"order={self.order!r}"
+        return f"order={self.order!r}, impl={self.impl!r}"
+
+
+def set_cbam_impl(module: nn.Module, impl: str) -> int:
+    """Set `impl` on every CBAM inside `module` (itself included); returns how many.
+
+    "fused" on a variant the fused path cannot compute raises, as the constructor does."""
+    if impl not in IMPLS:
+        raise unknown_choice("impl", impl, IMPLS)
+    layers = [m for m in module.modules() if isinstance(m, CBAM)]
+    for layer in layers:
+        if impl == "fused" and not layer.fused_supported:
+            raise ValueError(
+                f"impl='fused' cannot compute {layer}; use impl='auto' to fall back to the "
+                f"reference implementation for this variant"
+            )
+        layer.impl = impl
+    return len(layers)

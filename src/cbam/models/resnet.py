@@ -50,6 +50,21 @@ class ZeroPadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
 
 
+def _attention_tail(
+    block: BasicBlock | Bottleneck, pre_bn: torch.Tensor, bn: nn.Module, identity: torch.Tensor
+) -> torch.Tensor:
+    """relu(attention(bn(pre_bn)) + identity): the block's last BN, its attention and the
+    residual add. A CBAM computes all of it in one fused function (BatchNorm's output is
+    recomputed in the backward rather than kept, and the gates fold into the add) unless it
+    runs its reference implementation or something hooks these modules."""
+    fused = getattr(block.attention, "fused_residual", None)
+    if fused is not None:
+        out = fused(pre_bn, bn, identity, block.relu)
+        if out is not None:
+            return out
+    return block.relu(block.attention(bn(pre_bn)) + identity)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -77,8 +92,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attention(self.bn2(self.conv2(out)))
-        return self.relu(out + identity)
+        return _attention_tail(self, self.conv2(out), self.bn2, identity)
 
 
 class Bottleneck(nn.Module):
@@ -114,8 +128,7 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.attention(self.bn3(self.conv3(out)))
-        return self.relu(out + identity)
+        return _attention_tail(self, self.conv3(out), self.bn3, identity)
 
 
 class ResNet(ClassifierMixin, nn.Module):
