@@ -358,6 +358,13 @@ def run_overhead(config: BenchConfig, log: Callable[[str], None] | None = None) 
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if "compiled" in config.modes:
+        # Every variant's model shares ResNet.forward's code: each (variant, train/eval) is a
+        # cache entry of that code, more than Dynamo's default limit of 8, past which it
+        # would silently run the rest eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        limit = torch._dynamo.config.accumulated_recompile_limit
+        torch._dynamo.config.accumulated_recompile_limit = max(limit, 1024)
     device = torch.device(config.device)
     torch.set_flush_denormal(config.flush_denormal)  # process-wide: x86 is slow on subnormals
     result = BenchResult(config, machine_info(config))
