@@ -115,6 +115,14 @@ def test_command_line_quick_run(capsys, tmp_path):
     assert json.loads(path.read_text())["config"]["batch_size"] == 2
 
 
+def test_input_channels_and_classes_follow_the_recipe(capsys):
+    args = ["--quick", "--model", "resnet20", "--in-chans", "1", "--num-classes", "10",
+            "--image-size", "28", "--parts", "model", "--variants", "plain", "cbam-fused",
+            "--no-memory"]  # fmt: skip
+    assert main(args) == 0
+    assert "### resnet20 2x1x28x28: train (eager, nchw)" in capsys.readouterr().out
+
+
 def test_bench_subcommand_registers_its_options():
     parser = argparse.ArgumentParser()
     bench_command.register(parser.add_subparsers(dest="command"))

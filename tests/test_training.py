@@ -54,15 +54,23 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path):
     assert int(metrics[0]["params"]) == sum(p.numel() for p in result.model.parameters())
 
 
+def interrupt_at(when: int, signum: int):
+    def on_step(step: int, model: torch.nn.Module) -> None:
+        if step == when:
+            os.kill(os.getpid(), signum)
+
+    return on_step
+
+
 def test_resume_after_interrupt_is_bit_identical(tmp_path):
     reference = train(tiny(tmp_path, "straight"))
-
-    def interrupt(step: int, model: torch.nn.Module) -> None:
-        if step == 4:  # mid-epoch 1 (6 steps per epoch)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    stopped = train(tiny(tmp_path, "stopped"), on_step=interrupt)
+    # Ctrl-C mid-epoch 1 (6 steps per epoch), then SIGTERM mid-epoch 2 of the resumed run.
+    stopped = train(tiny(tmp_path, "stopped"), on_step=interrupt_at(4, signal.SIGINT))
     assert stopped.interrupted and not (stopped.run_dir / "metrics.csv").exists()
+    stopped = train(
+        load_config(None), resume=stopped.run_dir, on_step=interrupt_at(9, signal.SIGTERM)
+    )
+    assert stopped.interrupted and len(rows(stopped.run_dir)) == 1
     resumed = train(load_config(None), resume=stopped.run_dir)
     assert not resumed.interrupted
     assert_same_weights(

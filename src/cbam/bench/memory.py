@@ -12,7 +12,10 @@ buffers where it allocates them itself, which are the same for every variant.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -51,8 +54,14 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu")
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # Kineto logs every start and stop on stderr
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = [
         e
         for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
@@ -64,3 +73,17 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu")
         level += event.nbytes()
         peak = max(peak, level)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null: C++ logging bypasses Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -42,6 +42,8 @@ class BenchConfig:
     model: str = "resnet50"
     batch_size: int = 16
     image_size: int = 112
+    in_chans: int = 3
+    num_classes: int = 1000
     repeats: int = 20
     warmup: int = 3
     modes: tuple[str, ...] = ("eager",)
@@ -134,12 +136,14 @@ def _attention(variant: str) -> tuple[Any, dict[str, Any] | None]:
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 
-def build_model(variant: str, model: str = "resnet50", seed: int = 0) -> nn.Module:
+def build_model(
+    variant: str, model: str = "resnet50", seed: int = 0, **model_kwargs: Any
+) -> nn.Module:
     from cbam.models import create_model
 
     attention, kwargs = _attention(variant)
     torch.manual_seed(seed)
-    return create_model(model, attention=attention, attention_kwargs=kwargs)
+    return create_model(model, attention=attention, attention_kwargs=kwargs, **model_kwargs)
 
 
 def build_module(variant: str, channels: int, seed: int = 0) -> nn.Module:
@@ -260,14 +264,18 @@ def _model_groups(
     memory_format = _FORMATS[fmt]
     b, s = config.batch_size, config.image_size
     g = torch.Generator().manual_seed(config.seed)
-    images = torch.randn(b, 3, s, s, generator=g).to(device, memory_format=memory_format)
-    labels = torch.randint(0, 1000, (b,), generator=g).to(device)
+    images = torch.randn(b, config.in_chans, s, s, generator=g)
+    images = images.to(device, memory_format=memory_format)
+    labels = torch.randint(0, config.num_classes, (b,), generator=g).to(device)
     models: dict[str, nn.Module] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     train_calls: dict[str, Callable[[], Any]] = {}
     infer_calls: dict[str, Callable[[], Any]] = {}
     for variant in variants:
-        model = build_model(variant, config.model, config.seed)
+        model = build_model(
+            variant, config.model, config.seed,
+            in_chans=config.in_chans, num_classes=config.num_classes,
+        )  # fmt: skip
         model = model.to(device, memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         run = _maybe_compile(model, mode)
@@ -286,7 +294,7 @@ def _model_groups(
                 run(images)
 
         train_calls[variant], infer_calls[variant] = train, infer
-    size = f"{config.model} {b}x3x{s}x{s}"
+    size = f"{config.model} {b}x{config.in_chans}x{s}x{s}"
     baseline = "plain" if "plain" in variants else variants[0]
     rows: list[Row] = []
     for part, calls in (("train", train_calls), ("inference", infer_calls)):
@@ -485,6 +493,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=defaults.model, help="default: resnet50")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 16 (quick: 2)")
     parser.add_argument("--image-size", type=int, default=None, help="default: 112 (quick: 64)")
+    parser.add_argument("--in-chans", type=int, default=defaults.in_chans, help="default: 3")
+    parser.add_argument(
+        "--num-classes", type=int, default=defaults.num_classes, help="default: 1000"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 3)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
@@ -509,6 +521,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     base = BenchConfig.quick() if args.quick else BenchConfig()
     overrides: dict[str, Any] = {
         "model": args.model,
+        "in_chans": args.in_chans,
+        "num_classes": args.num_classes,
         "modes": tuple(args.modes),
         "memory_formats": tuple(args.memory_formats),
         "parts": tuple(args.parts),
