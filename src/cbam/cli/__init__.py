@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from cbam import __version__
-from cbam.cli import bench, compare, explain, export, info, train
+from cbam.cli import bench, compare, detect, explain, export, info, reproduce, train
 from cbam.cli import eval as eval_
 
-COMMANDS = (info, train, eval_, compare, explain, export, bench)
+COMMANDS = (info, train, eval_, compare, reproduce, explain, export, bench, detect)
 
 
 def build_parser() -> argparse.ArgumentParser:

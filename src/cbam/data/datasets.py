@@ -46,15 +46,20 @@ class SeededTransform(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+    def __getitem__(self, index: int) -> Any:
         item = self.dataset[index]
         if item is None:  # an unreadable image, already reported
             return None
-        image, label = item
         sample_seed = hash((self.seed, self.epoch, index)) % (2**63)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
-            return self.transform(image), label
+            return self.apply(item)
+
+    def apply(self, item: Any) -> Any:
+        """Transform one item: the image of an (image, label) pair. Detection overrides it to
+        transform an image and its boxes together."""
+        image, label = item
+        return self.transform(image), label
 
 
 class CheckedImageFolder(datasets.ImageFolder):
@@ -68,17 +73,23 @@ class CheckedImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:  # type: ignore[override]
         path, label = self.samples[index]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f)
-                image.load()
-                return image.convert("RGB"), label
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-            message = f"unreadable image {path}: {error}"
-            if self.strict:
-                raise ValueError(f"{message}; remove or replace it (strict_data is on)") from None
-            warnings.warn(f"skipping {message}", stacklevel=2)
-            return None
+        image = open_rgb(path, self.strict)
+        return None if image is None else (image, label)
+
+
+def open_rgb(path: str | Path, strict: bool) -> Image.Image | None:
+    """An image file as RGB; an unreadable one raises (strict) or warns and gives None."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        message = f"unreadable image {path}: {error}"
+        if strict:
+            raise ValueError(f"{message}; remove or replace it (strict mode is on)") from None
+        warnings.warn(f"skipping {message}", stacklevel=3)
+        return None
 
 
 def collate_skipping(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -95,16 +95,22 @@ def _to_cbam_names(ckpt: Checkpoint) -> Checkpoint:
     return Checkpoint(converted, ckpt.origin, ckpt.metadata, names)
 
 
-def _attention_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the model's attention layers (CBAM, SE, BAM, ..., any layer with a
-    `placement`, and identity-init wrappers), which a backbone-only checkpoint lacks."""
+def is_attention_layer(module: nn.Module) -> bool:
+    """Whether `module` is an attention layer (CBAM, SE, BAM, ..., any layer with a
+    `placement`, or an identity-init wrapper): what a backbone-only checkpoint lacks."""
     from cbam.interop.identity_blend import IdentityBlend
 
     kinds = (*ATTENTION_LAYERS.values(), IdentityBlend)
-    prefixes = [
-        f"{n}." for n, m in model.named_modules()
-        if isinstance(m, kinds) or getattr(type(m), "placement", None) in ("block", "stage")
-    ]  # fmt: skip
+    return isinstance(module, kinds) or getattr(type(module), "placement", None) in (
+        "block",
+        "stage",
+    )
+
+
+def _attention_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's attention layers, which a backbone-only checkpoint
+    lacks."""
+    prefixes = [f"{n}." for n, m in model.named_modules() if is_attention_layer(m)]
     return {k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)}
 
 

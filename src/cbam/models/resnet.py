@@ -210,12 +210,19 @@ class ResNet(ClassifierMixin, nn.Module):
         self.reset_classifier(num_classes)
         init_weights(self)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stage's output, in `feature_info` order: what a detection neck (an FPN)
+        takes from the backbone."""
         check_image_batch(x, self.in_chans, type(self).__name__)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return x
+            stages.append(x)
+        return stages
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[-1]
 
 
 @register_model(ResNet)

@@ -69,3 +69,34 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise ValueError(f"weights file {path} does not exist") from None
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable .safetensors file ({error})") from None
+
+
+def loop_state(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """What a training loop needs besides the weights to resume exactly: optimizer, schedule,
+    grad scaler and the random number generators."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_loop_state(
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Undo `loop_state`: put the saved optimizer, schedule, scaler and RNG states back."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from cbam._errors import unknown_choice
 
 RECIPES = ("small", "imagenet")
+ConfigT = TypeVar("ConfigT")
 
 
 @dataclass
@@ -44,7 +46,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | step | constant
-    step_epochs: int = 30
+    step_epochs: int | list[int] = 30  # step: decay every N epochs, or at these epochs
     step_gamma: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -90,6 +92,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        check_step_epochs(self.step_epochs)
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -102,21 +105,30 @@ class TrainConfig:
         return asdict(self)
 
 
-FIELDS = {f.name: f for f in fields(TrainConfig)}
+def check_step_epochs(value: object) -> None:
+    """step_epochs is a positive integer (decay every N epochs) or a list of them (decay at
+    each listed epoch, as detection schedules do)."""
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ValueError(
+            f"step_epochs must be a positive integer or a list of them (e.g. [8, 11]), "
+            f"got {value!r}"
+        )
 
 
 def recipe_path(name: str) -> Path:
     return Path(str(resources.files("cbam.training") / "recipes" / f"{name}.yaml"))
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str], recipes: Sequence[str] = RECIPES) -> dict[str, Any]:
+    """A YAML mapping of config keys; `recipes` are the names the error suggests instead."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ValueError(
             f"config file {path} does not exist; pass a path or one of the recipes: "
-            f"{', '.join(RECIPES)}"
+            f"{', '.join(recipes)}"
         ) from None
     except yaml.YAMLError as error:
         raise ValueError(f"config file {path} is not valid YAML: {error}") from None
@@ -127,12 +139,14 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def merge(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
-    """Apply `values` on top of `config`; unknown keys are an error naming the close ones."""
+def merge(config: ConfigT, values: dict[str, Any], source: str) -> ConfigT:
+    """Apply `values` on top of `config` (any config dataclass); unknown keys are an error
+    naming the close ones."""
+    known = [f.name for f in fields(config)]  # type: ignore[arg-type]
     for key in values:
-        if key not in FIELDS:
-            raise ValueError(f"{source}: {unknown_choice('config key', key, FIELDS)}")
-    return dataclasses.replace(config, **values)
+        if key not in known:
+            raise ValueError(f"{source}: {unknown_choice('config key', key, known)}")
+    return dataclasses.replace(config, **values)  # type: ignore[type-var]
 
 
 def parse_value(text: str) -> Any:
@@ -154,6 +168,7 @@ def load_config(
     return config.validate()
 
 
-def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
+def save_config(config: Any, path: str | os.PathLike[str]) -> None:
+    """Write a config dataclass (anything with `to_dict()`) as YAML."""
     with open(path, "w") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)

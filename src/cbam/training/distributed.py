@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,3 +69,12 @@ def average_buffers(model: torch.nn.Module, info: Dist) -> None:
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             buffer.div_(info.world_size)
+
+
+def gather_objects(items: list[Any], info: Dist) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank (e.g. detections)."""
+    if not info.enabled:
+        return items
+    gathered: list[list[Any]] = [[] for _ in range(info.world_size)]
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]

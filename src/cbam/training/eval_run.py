@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from cbam.data import DataSplits, build_datasets, collate_skipping
 from cbam.interop import load_checkpoint
-from cbam.training.config import TrainConfig, load_config
+from cbam.training.config import ConfigT, TrainConfig, load_config
 from cbam.training.evaluate import EvalMetrics, evaluate
 from cbam.training.trainer import amp_dtype, build_model
 
@@ -29,6 +30,30 @@ class LoadedRun:
     device: torch.device
 
 
+def resolve_source(
+    source: str | Path,
+    weights: str,
+    overrides: dict[str, Any] | None,
+    load: Callable[[str | Path, dict[str, Any]], ConfigT],
+) -> tuple[ConfigT, Path, Path]:
+    """(config, weights file, source path) for a run folder (its config.yaml and
+    `weights`.safetensors) or a weights file (the `small` recipe), with `overrides` applied
+    through `load` (load_config, or detection's load_detect_config)."""
+    path = Path(source)
+    overrides = dict(overrides or {})
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ValueError(f"{path} is not a run folder: it has no config.yaml")
+        return load(path / "config.yaml", overrides), path / f"{weights}.safetensors", path
+    if path.suffix in WEIGHT_SUFFIXES:
+        return load("small", overrides), path, path
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; pass a run folder or a weights file")
+    raise ValueError(
+        f"{path} is neither a run folder nor a weights file ({', '.join(WEIGHT_SUFFIXES)})"
+    )
+
+
 def load_run(
     source: str | Path, weights: str = "best", overrides: dict[str, Any] | None = None
 ) -> LoadedRun:
@@ -40,22 +65,7 @@ def load_run(
     ...). Overrides also change evaluation-only settings of a run (batch_size, device,
     workers, test_subset, data_dir, amp).
     """
-    path = Path(source)
-    overrides = dict(overrides or {})
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise ValueError(f"{path} is not a run folder: it has no config.yaml")
-        config = load_config(path / "config.yaml", overrides)
-        weights_file = path / f"{weights}.safetensors"
-    elif path.suffix in WEIGHT_SUFFIXES:
-        config = load_config("small", overrides)
-        weights_file = path
-    elif not path.exists():
-        raise ValueError(f"{path} does not exist; pass a run folder or a weights file")
-    else:
-        raise ValueError(
-            f"{path} is neither a run folder nor a weights file ({', '.join(WEIGHT_SUFFIXES)})"
-        )
+    config, weights_file, path = resolve_source(source, weights, overrides, load_config)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     torch.set_flush_denormal(config.flush_denormal)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -65,13 +65,38 @@ def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
-    """Warm-up (linear from 0), then the schedule, as a multiple of the scaled lr."""
+class ScheduleConfig(Protocol):
+    """The config fields `lr_factor` reads (TrainConfig and detection's DetectConfig)."""
+
+    epochs: int
+    schedule: str
+    step_epochs: int | list[int]
+    step_gamma: float
+    warmup_epochs: float
+
+
+class RunLike(Protocol):
+    """The config fields `prepare_run` reads."""
+
+    output: str
+    epochs: int
+
+
+RunConfig = TypeVar("RunConfig", bound=RunLike)
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: ScheduleConfig) -> float:
+    """Warm-up (linear from 0), then the schedule, as a multiple of the scaled lr.
+
+    "step" decays by step_gamma every step_epochs epochs, or at each epoch of a list."""
     warmup = config.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
     if config.schedule == "step":
-        return config.step_gamma ** ((step // steps_per_epoch) // config.step_epochs)
+        epoch = step // steps_per_epoch
+        if isinstance(config.step_epochs, int):
+            return config.step_gamma ** (epoch // config.step_epochs)
+        return config.step_gamma ** sum(epoch >= e for e in config.step_epochs)
     if config.schedule == "cosine":
         total = config.epochs * steps_per_epoch
         progress = (step - warmup) / max(total - warmup, 1)
@@ -119,10 +144,14 @@ def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
     )
 
 
-def _prepare_run(
-    config: TrainConfig, resume: str | Path | None, overrides: dict[str, Any] | None
-) -> tuple[TrainConfig, Path, dict[str, Any] | None]:
-    """The run folder and config: a fresh folder, or a saved run to continue."""
+def prepare_run(
+    config: RunConfig,
+    resume: str | Path | None,
+    overrides: dict[str, Any] | None,
+    load: Callable[[Path, dict[str, Any]], RunConfig] = load_config,  # type: ignore[assignment]
+) -> tuple[RunConfig, Path, dict[str, Any] | None]:
+    """The run folder and config: a fresh folder, or a saved run to continue (its
+    config.yaml read back with `load`)."""
     if resume is None:
         run_dir = Path(config.output)
         if (run_dir / "last_state.pt").exists() or (run_dir / "config.yaml").exists():
@@ -143,7 +172,7 @@ def _prepare_run(
             f"a resumed run keeps its saved config; only {sorted(RESUMABLE_OVERRIDES)} may "
             f"change, not {sorted(extra)}"
         )
-    saved = load_config(run_dir / "config.yaml", {k: v for k, v in (overrides or {}).items()})
+    saved = load(run_dir / "config.yaml", dict(overrides or {}))
     state = ckpt.read_training_state(run_dir / "last_state.pt")
     weights_step = ckpt.read_metadata(run_dir / "last.safetensors").get("step")
     if weights_step != str(state["step"]):
@@ -172,7 +201,7 @@ def train(
     """
     dist_info, device = setup(config.device)
     try:
-        config, run_dir, state = _prepare_run(config, resume, overrides)
+        config, run_dir, state = prepare_run(config, resume, overrides)
         return _train(config, run_dir, state, dist_info, device, on_step)
     finally:
         teardown()
@@ -251,14 +280,9 @@ def _train(
     start_epoch, start_batch, step, best = 0, 0, 0, math.inf
     if state is not None:
         load_checkpoint(model, run_dir / "last.safetensors", source="cbam")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        ckpt.restore_loop_state(state, optimizer, scheduler, scaler)
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
         step, best = state["step"], state["best_top1_err"]
     net: nn.Module = model
@@ -305,16 +329,12 @@ def _train(
                 "batch_in_epoch": batch_in_epoch,
                 "step": step,
                 "best_top1_err": best,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "epoch_totals": (
                     epoch_totals.cpu() if epoch_totals is not None else torch.zeros(4)
                 ),
                 "epoch_seconds": epoch_seconds,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **ckpt.loop_state(optimizer, scheduler, scaler),
             },
             run_dir / "last_state.pt",
         )
@@ -421,7 +441,7 @@ def _train(
                     "skipped_images": int(totals[3].item()) + last.skipped,
                     "params": params,
                 }  # fmt: skip
-                _append_metrics(run_dir / "metrics.csv", row)
+                append_metrics(run_dir / "metrics.csv", row)
                 for key in (
                     "train_loss",
                     "train_top1_err",
@@ -447,10 +467,13 @@ def _train(
     return TrainResult(run_dir, config.epochs, False, best, last, model)
 
 
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+def append_metrics(
+    path: Path, row: dict[str, Any], columns: tuple[str, ...] = METRIC_COLUMNS
+) -> None:
+    """Add one row to a metrics.csv, writing the header first when the file is new."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerow(row)
