@@ -11,7 +11,6 @@ gathers the detections.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models.detection import FasterRCNN
-from tqdm import tqdm
 
 from cbam.complexity import count_parameters
 from cbam.detection.config import DetectConfig, load_detect_config
@@ -37,11 +35,13 @@ from cbam.training.config import save_config
 from cbam.training.distributed import Dist, any_rank, average_buffers, setup, teardown
 from cbam.training.eval_run import resolve_source
 from cbam.training.trainer import (
+    EpochPass,
     TrainingDiverged,
     amp_dtype,
     append_metrics,
     lr_factor,
     prepare_run,
+    start_epoch_pass,
     stop_on_signals,
 )
 
@@ -233,27 +233,16 @@ def _train(
     with stop_on_signals() as signals:
         for epoch in range(start_epoch, config.epochs):
             data.train.set_epoch(epoch)
-            sampler.set_epoch(epoch)
             skip = start_batch if epoch == start_epoch else 0
-            loader = DataLoader(
-                data.train, batch_size=per_rank_batch,
-                sampler=list(sampler)[skip * per_rank_batch :], drop_last=True,
-                num_workers=config.workers, collate_fn=collate_detection,
-                pin_memory=device.type == "cuda",
-                generator=torch.Generator().manual_seed(config.seed + epoch),
-            )  # fmt: skip
             net.train()
-            # loss sum, the four loss terms' sums, steps, images, skipped images
-            totals = torch.zeros(8, dtype=torch.float64, device=device)
-            t0 = time.perf_counter()
-            if skip and state is not None:
-                if main:  # saved already summed over ranks
-                    totals += state["epoch_totals"].to(device)
-                t0 -= state["epoch_seconds"]
-            bar = tqdm(
-                loader, total=steps_per_epoch - skip, desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
-            )  # fmt: skip
+            # totals: loss sum, the four loss terms' sums, steps, images, skipped images
+            generator = torch.Generator().manual_seed(config.seed + epoch)
+            source = EpochPass(
+                data.train, sampler, per_rank_batch, config.workers, collate_detection, generator
+            )
+            bar, totals, t0 = start_epoch_pass(
+                source, epoch, config.epochs, skip, steps_per_epoch, 8, state, main, device
+            )
             for batch_in_epoch, (images, targets, n_skipped) in enumerate(bar, start=skip + 1):
                 totals[7] += n_skipped
                 if not images:

@@ -346,25 +346,12 @@ def _train(
     with stop_on_signals() as signals:
         for epoch in range(start_epoch, config.epochs):
             splits.train.set_epoch(epoch)
-            sampler.set_epoch(epoch)
             skip = start_batch if epoch == start_epoch else 0
-            order = list(sampler)[skip * per_rank_batch :]
-            loader = DataLoader(
-                splits.train, batch_size=per_rank_batch, sampler=order, drop_last=True,
-                num_workers=config.workers, collate_fn=collate_skipping,
-                pin_memory=device.type == "cuda",
-            )  # fmt: skip
             net.train()
-            # loss sum, correct, seen, skipped; carried over when resuming mid-epoch
-            totals = torch.zeros(4, dtype=torch.float64, device=device)
-            t0 = time.perf_counter()
-            if skip and state is not None:
-                if main:  # saved already summed over ranks
-                    totals += state["epoch_totals"].to(device)
-                t0 -= state["epoch_seconds"]
-            bar = tqdm(
-                loader, total=batches_per_epoch - skip, desc=f"epoch {epoch + 1}/{config.epochs}",
-                disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
+            # totals: loss sum, correct, seen, skipped
+            bar, totals, t0 = start_epoch_pass(
+                EpochPass(splits.train, sampler, per_rank_batch, config.workers, collate_skipping),
+                epoch, config.epochs, skip, batches_per_epoch, 4, state, main, device,
             )  # fmt: skip
             for batch_in_epoch, (images, labels, n_skipped) in enumerate(bar, start=skip + 1):
                 totals[3] += n_skipped
@@ -465,6 +452,46 @@ def _train(
     if writer is not None:
         writer.close()
     return TrainResult(run_dir, config.epochs, False, best, last, model)
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """What an epoch's batches are drawn from."""
+
+    dataset: Any
+    sampler: DistributedSampler[Any]
+    batch_size: int  # per rank
+    workers: int
+    collate_fn: Callable[..., Any]
+    generator: torch.Generator | None = None
+
+
+def start_epoch_pass(
+    source: EpochPass, epoch: int, epochs: int, skip: int, batches: int, n_totals: int,
+    state: dict[str, Any] | None, main: bool, device: torch.device,
+) -> tuple[Any, torch.Tensor, float]:  # fmt: skip
+    """The epoch's progress bar over its batches from `skip` on, the running sums and the start
+    time. Resuming mid-epoch (skip > 0) takes the sampler's order for the epoch past the
+    batches already seen, and carries over the sums and seconds saved in `state`, so a resumed
+    run sees exactly the batches, and logs exactly the figures, of one never stopped."""
+    source.sampler.set_epoch(epoch)
+    loader = DataLoader(
+        source.dataset, batch_size=source.batch_size,
+        sampler=list(source.sampler)[skip * source.batch_size :], drop_last=True,
+        num_workers=source.workers, collate_fn=source.collate_fn,
+        pin_memory=device.type == "cuda", generator=source.generator,
+    )  # fmt: skip
+    totals = torch.zeros(n_totals, dtype=torch.float64, device=device)
+    t0 = time.perf_counter()
+    if skip and state is not None:
+        if main:  # saved already summed over ranks
+            totals += state["epoch_totals"].to(device)
+        t0 -= state["epoch_seconds"]
+    bar = tqdm(
+        loader, total=batches - skip, desc=f"epoch {epoch + 1}/{epochs}",
+        disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
+    )  # fmt: skip
+    return bar, totals, t0
 
 
 def append_metrics(
