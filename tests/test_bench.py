@@ -91,9 +91,9 @@ def test_quick_run_reports_every_group():
     config = BenchConfig.quick(model="resnet18", batch_size=2, image_size=32)
     result = run_overhead(config)
     parts = {(r.part, r.variant) for r in result.rows}
-    for variant in ("plain", "se", "cbam-reference", "cbam-fused", "timm-cbam"):
+    for variant in ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-aten", "timm-cbam"):
         assert ("train", variant) in parts and ("inference", variant) in parts
-    assert len([r for r in result.rows if r.part == "module"]) == 4 * 4  # stages x variants
+    assert len([r for r in result.rows if r.part == "module"]) == 4 * 5  # stages x variants
     for row in result.rows:
         assert len(row.times) == config.repeats and all(t > 0 for t in row.times)
         assert row.peak_bytes is not None and row.peak_bytes >= row.state_bytes > 0

@@ -14,6 +14,7 @@ alike. Peak memory comes from `memory.py`. Eager and `torch.compile`, NCHW and c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -29,8 +30,8 @@ from torch import nn
 from cbam.bench.memory import peak_memory_bytes, tensor_bytes
 from cbam.bench.stats import Summary, paired_ratios, rotations, summarize
 
-VARIANTS = ("plain", "se", "cbam-reference", "cbam-fused", "timm-cbam")
-MODULE_VARIANTS = ("se", "cbam-reference", "cbam-fused", "timm-cbam")
+VARIANTS = ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-aten", "timm-cbam")
+MODULE_VARIANTS = ("se", "cbam-reference", "cbam-fused", "cbam-fused-aten", "timm-cbam")
 MODES = ("eager", "compiled")
 MEMORY_FORMATS = ("nchw", "channels_last")
 PARTS = ("module", "model")
@@ -126,14 +127,22 @@ def _attention(variant: str) -> tuple[Any, dict[str, Any] | None]:
         return None, None
     if variant == "se":
         return "se", None
-    if variant in ("cbam-reference", "cbam-fused"):
-        return "cbam", {"impl": variant.removeprefix("cbam-")}
+    if variant in ("cbam-reference", "cbam-fused", "cbam-fused-aten"):
+        return "cbam", {"impl": variant.removeprefix("cbam-").removesuffix("-aten")}
     if variant == "timm-cbam":
         factory = timm_cbam_factory()
         if factory is None:
             raise ImportError("timm is not installed")
         return factory, None
     raise ValueError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def variant_context(variant: str) -> contextlib.AbstractContextManager[None]:
+    """What a variant's calls run under: "cbam-fused-aten" is the fused CBAM with its CPU
+    kernels off (the ATen path), to show what the kernels buy in the same run."""
+    from cbam.layers import native_cbam
+
+    return native_cbam.disabled() if variant == "cbam-fused-aten" else contextlib.nullcontext()
 
 
 def build_model(
@@ -240,11 +249,13 @@ def _module_group(
         modules[variant] = module
         run = _maybe_compile(module, mode)
 
-        def call(module: nn.Module = module, run: Callable[..., Any] = run) -> None:
+        def call(module: nn.Module = module, run: Callable[..., Any] = run,
+                 variant: str = variant) -> None:  # fmt: skip
             x.grad = None
             for p in module.parameters():
                 p.grad = None
-            run(x).backward(grad)
+            with variant_context(variant):
+                run(x).backward(grad)
 
         calls[variant] = call
     baseline = "timm-cbam" if "timm-cbam" in calls else next(iter(calls))
@@ -282,15 +293,18 @@ def _model_groups(
         models[variant], optimizers[variant] = model, optimizer
 
         def train(model: nn.Module = model, run: Callable[..., Any] = run,
-                  optimizer: torch.optim.Optimizer = optimizer) -> None:  # fmt: skip
+                  optimizer: torch.optim.Optimizer = optimizer,
+                  variant: str = variant) -> None:  # fmt: skip
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(run(images), labels).backward()
+            with variant_context(variant):
+                F.cross_entropy(run(images), labels).backward()
             optimizer.step()
 
-        def infer(model: nn.Module = model, run: Callable[..., Any] = run) -> None:
+        def infer(model: nn.Module = model, run: Callable[..., Any] = run,
+                  variant: str = variant) -> None:  # fmt: skip
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), variant_context(variant):
                 run(images)
 
         train_calls[variant], infer_calls[variant] = train, infer

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cbam.layers import triton_cbam
+from cbam.layers import native_cbam, triton_cbam
 from cbam.layers._argmax import max_over_channels, max_over_hw
 
 FUSED_POOL_TYPES = ("avg", "max")
@@ -145,11 +145,8 @@ def _gates(
         else:
             values, idx_hw = _hw_max(x, for_backward)
             vectors.append(values)
-    pooled = torch.stack(vectors)  # P x N x C: one batched MLP call, as in the reference
-    hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
-    mc = torch.sigmoid(F.linear(hidden, p["w2"], p["b2"]).sum(dim=0))  # N x C
-    saved: Saved = {"mc": mc, "pooled": pooled, "hidden": hidden, "idx_hw": idx_hw}
-    saved["base_mean"] = base_mean
+    mc, saved = _channel_gate(vectors, p)
+    saved.update(idx_hw=idx_hw, base_mean=base_mean)
     source = None
     if p["conv_w"] is not None and p["parallel"]:  # the spatial gate sees x, not x * Mc
         source, idx_c = _compress(x, p, for_backward)
@@ -158,14 +155,31 @@ def _gates(
         return u, None, saved
     if source is None:
         source, idx_c = _compress(u, p, for_backward)
-    s = F.conv2d(source, p["conv_w"], padding=p["padding"])
-    bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
-    normed = F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"])
-    ms = torch.sigmoid(normed)
-    saved.update(ms=ms, compressed=source, s=s, idx_c=idx_c)
-    if for_backward and not p["bn_training"]:  # eval-mode BN: keep the statistics it used
-        saved.update(bn_rm=p["bn_rm"].clone(), bn_rv=p["bn_rv"].clone())
+    ms = _spatial_gate(source, p, for_backward, saved)
+    saved["idx_c"] = idx_c
     return u, ms, saved
+
+
+def _channel_gate(vectors: list[torch.Tensor], p: dict[str, Any]) -> tuple[torch.Tensor, Saved]:
+    """Mc = sigmoid(sum over pools of MLP(pool)), N x C, from the pooled N x C vectors."""
+    pooled = torch.stack(vectors)  # P x N x C: one batched MLP call, as in the reference
+    hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
+    mc = torch.sigmoid(F.linear(hidden, p["w2"], p["b2"]).sum(dim=0))
+    return mc, {"mc": mc, "pooled": pooled, "hidden": hidden}
+
+
+def _spatial_gate(
+    compressed: torch.Tensor, p: dict[str, Any], for_backward: bool, saved: Saved
+) -> torch.Tensor:
+    """Ms = sigmoid(BN(conv(compressed))), N x 1 x H x W; what its backward needs goes into
+    `saved` (in eval mode a copy of the BN statistics used)."""
+    s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
+    bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
+    ms = torch.sigmoid(F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"]))
+    saved.update(ms=ms, compressed=compressed, s=s)
+    if for_backward and not p["bn_training"]:
+        saved.update(bn_rm=p["bn_rm"].clone(), bn_rv=p["bn_rv"].clone())
+    return ms
 
 
 def _triton_applies(x: torch.Tensor, p: dict[str, Any]) -> bool:
@@ -189,20 +203,11 @@ def _triton_gates(
         base, alpha, beta = pre_bn
         base_mean = base.mean(dim=(2, 3))
         mean = base_mean * alpha + beta
-    pooled = torch.stack([mean if pool == "avg" else values for pool in p["pools"]])
-    hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
-    mc = torch.sigmoid(F.linear(hidden, p["w2"], p["b2"]).sum(dim=0))
+    mc, saved = _channel_gate([mean if pool == "avg" else values for pool in p["pools"]], p)
     compressed, idx_c = triton_cbam.channel_pool(x, mc)
-    s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
-    bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
-    ms = torch.sigmoid(F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"]))
-    saved: Saved = {
-        "mc": mc, "pooled": pooled, "hidden": hidden, "ms": ms, "compressed": compressed,
-        "s": s, "base_mean": base_mean, "x": x,
-        "idx_hw": idx_hw if "max" in p["pools"] else None, "idx_c": idx_c,
-    }  # fmt: skip
-    if not p["bn_training"]:
-        saved.update(bn_rm=p["bn_rm"].clone(), bn_rv=p["bn_rv"].clone())
+    ms = _spatial_gate(compressed, p, True, saved)
+    idx_hw = idx_hw if "max" in p["pools"] else None
+    saved.update(base_mean=base_mean, x=x, idx_hw=idx_hw, idx_c=idx_c)
     return None, ms, saved
 
 
@@ -443,6 +448,143 @@ def _batch_norm_backward_terms(
     return k1, k2, k3, g_w, g_b
 
 
+# --------------------------------------------------------------------------- compiled kernels
+# The same computation as `_gates`/`_finish` and `_gates_backward` for the paper's variant,
+# with every pass over the full-size map done by one CPU kernel (native_cbam.py). In a block
+# the BatchNorm output is never written: the kernels apply alpha * base + beta on the fly.
+
+
+def _native_applies(x: torch.Tensor, p: dict[str, Any]) -> bool:
+    """The CPU kernels run where they apply, unless the (opt-in) Triton kernels do."""
+    return native_cbam.applies(x, p) and not _triton_applies(x, p)
+
+
+def _batch_statistics(
+    means: torch.Tensor, m2: torch.Tensor, hw: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel: batch mean, biased and unbiased variance, from per-(sample, channel)
+    means and squared deviations over H x W (Chan et al.'s pairwise combination)."""
+    means64 = means.double()
+    mean = means64.mean(dim=0)
+    m2_total = m2.double().sum(dim=0) + hw * (means64 - mean).square().sum(dim=0)
+    count = means.shape[0] * hw
+    unbiased = m2_total / max(count - 1, 1)
+    return mean.to(means.dtype), (m2_total / count).to(means.dtype), unbiased
+
+
+def _native_forward(
+    x: torch.Tensor,
+    identity: torch.Tensor | None,
+    bn: dict[str, Any] | None,
+    p: dict[str, Any],
+    for_backward: bool,
+) -> tuple[torch.Tensor, Saved, tuple[Any, Any]]:
+    """(output, what the backward needs, the block BatchNorm's (mean, invstd) in training or
+    copies of its (running mean, running var) in eval). `bn`: the block's BatchNorm
+    (BLOCK_BN_NAMES), with x its input; None for the module alone."""
+    kernels = native_cbam.kernels()
+    hw = x.shape[2] * x.shape[3]
+    full = for_backward or (bn is not None and bn["training"])  # indices, variance
+    means, m2, top, top_at, low, low_at = kernels.hw_stats(x, full)
+    alpha = beta = None
+    stats: tuple[Any, Any] = (None, None)
+    avg, top_hw, idx_hw = means, top, top_at
+    if bn is not None:
+        if bn["training"]:
+            mean, var, unbiased = _batch_statistics(means, m2, hw)
+            if bn["rm"] is not None:
+                bn["rm"].lerp_(mean.to(bn["rm"].dtype), bn["momentum"])
+                bn["rv"].lerp_(unbiased.to(bn["rv"].dtype), bn["momentum"])
+            invstd = torch.rsqrt(var + bn["eps"])
+            stats = (mean, invstd)
+        else:
+            mean, invstd = (
+                bn["rm"].to(means.dtype),
+                torch.rsqrt(bn["rv"].to(means.dtype) + bn["eps"]),
+            )
+            stats = (bn["rm"].clone(), bn["rv"].clone())
+        alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], True, bn["eps"])
+        alpha, beta = alpha.to(means.dtype), beta.to(means.dtype)
+        # BatchNorm is monotone per channel: the max of its output is at the max of its input,
+        # or at the min where the scale is negative.
+        flip = (alpha < 0).expand_as(top)
+        top_hw = torch.where(flip, low, top) * alpha + beta
+        idx_hw = torch.where(flip, low_at, top_at) if for_backward else None
+        avg = means * alpha + beta
+    dtype = p["w1"].dtype
+    mc, saved = _channel_gate(
+        [(avg if pool == "avg" else top_hw).to(dtype) for pool in p["pools"]], p
+    )
+    compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc)
+    ms = _spatial_gate(compressed, p, for_backward, saved)
+    out = kernels.gate(x, alpha, beta, mc, ms, identity)
+    saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None)
+    saved["base_mean"] = means if bn is not None else None
+    return out, saved, stats
+
+
+def _native_backward(
+    g_out: torch.Tensor,
+    out: torch.Tensor | None,
+    base: torch.Tensor,
+    saved: Saved,
+    p: dict[str, Any],
+    block_bn: dict[str, Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(grad of base, grad of the block's pre-ReLU output g_y, parameter grads): the math of
+    `_gates_backward` for channel-then-spatial with channel pooling, in two kernel passes
+    (plus one bmm) over the map.
+
+    With u = x * Mc and g_u its grad: g_u = g_y * Ms + g_mean + g_max at the channel argmax
+    (g_mean, g_max: the grads of the two compressed maps, g_mean divided by C); the grad of x
+    is g_u * Mc + g_avg + g_max_hw at the H x W argmax; in a block the BatchNorm's backward
+    maps it to base as k1 * (grad of x) + k2 * base + k3 per channel."""
+    kernels = native_cbam.kernels()
+    n, c, h, w = base.shape
+    hw = h * w
+    mc, ms = saved["mc"], saved["ms"]
+    alpha = beta = None
+    if block_bn is not None:
+        alpha, beta = block_bn["alpha"].to(mc.dtype), block_bn["beta"].to(mc.dtype)
+    g_y, g_ms, s0, s1 = kernels.backward_reduce(g_out, out, base, alpha, beta, mc, ms)
+    grads: dict[str, Any] = {}
+    g_compressed, grads["conv_w"], grads["bn_w"], grads["bn_b"] = _spatial_backward(
+        g_ms.to(ms.dtype), saved, p
+    )
+    g_max, g_mean = g_compressed[:, :1], g_compressed[:, 1:2] / c
+    idx_c = saved["idx_c"]
+    # sums over H x W of g_u (u0) and of g_u * base (u1), per (sample, channel)
+    u0 = s0 + g_mean.sum(dim=(2, 3)) + _scatter_nc(idx_c, g_max, c)
+    u1 = s1 + _sum_over_hw(base, g_mean) + _scatter_nc(idx_c, g_max * base.gather(1, idx_c), c)
+    g_mc = u1 if alpha is None else u1 * alpha + u0 * beta  # sum over H x W of g_u * x
+    g_pooled, grads["w1"], grads["b1"], grads["w2"], grads["b2"] = _mlp_backward(
+        g_mc.to(mc.dtype), saved, p
+    )
+    pools = p["pools"]
+    g_avg = g_pooled[pools.index("avg")] / hw if "avg" in pools else torch.zeros_like(mc)
+    idx_hw = saved["idx_hw"]
+    g_max_hw = g_pooled[pools.index("max")] if idx_hw is not None else None
+    k1 = k2 = None
+    scale, shift = mc, g_avg
+    if block_bn is not None:  # BatchNorm's per-channel sums, from the small tensors
+        sum_0 = mc * u0 + g_avg * hw
+        sum_1 = mc * u1 + g_avg * hw * saved["base_mean"]
+        if g_max_hw is not None:
+            at_hw = base.flatten(2).gather(2, idx_hw.unsqueeze(2)).squeeze(2)
+            sum_0, sum_1 = sum_0 + g_max_hw, sum_1 + g_max_hw * at_hw
+        k1, k2, k3, grads["block_w"], grads["block_b"] = _batch_norm_backward_terms(
+            sum_0.sum(0), sum_1.sum(0), n * hw, block_bn
+        )
+        scale, shift = k1 * mc, k1 * g_avg + k3
+    grad = kernels.grad_input(g_y, base, ms, g_mean, scale, k2, shift)
+    at_argmax = scale.gather(1, idx_c.view(n, hw)).view(n, 1, h, w) * g_max
+    grad.scatter_add_(1, idx_c, at_argmax.to(grad.dtype))
+    if g_max_hw is not None:
+        scaled = g_max_hw if k1 is None else g_max_hw * k1
+        grad.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), scaled.unsqueeze(2).to(grad.dtype))
+    return grad, g_y, grads
+
+
 # --------------------------------------------------------------------------- autograd
 
 _SMALL = (
@@ -479,15 +621,22 @@ class FusedCBAM(torch.autograd.Function):
         block = identity is not None
         stats: tuple[Any, ...] = (None, None, None, None)
         pre_bn = None
-        if block:
+        ctx.native = _native_applies(x, p)
+        if ctx.native:
+            out, saved, (mean, invstd) = _native_forward(
+                x, identity, bn if block else None, p, True
+            )
+            stats = (mean, invstd, bn["w"], bn["b"])
+        elif block:
             feature, mean, invstd = _block_batch_norm(x, bn)
             stats = (mean, invstd, bn["w"], bn["b"])
             alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], bn["training"], bn["eps"])
             pre_bn = (x, alpha, beta)
         else:
             feature = x
-        u, ms, saved = _gates(feature, p, for_backward=True, in_place=block, pre_bn=pre_bn)
-        out = _finish(u, ms, identity, saved, in_place=block)
+        if not ctx.native:
+            u, ms, saved = _gates(feature, p, for_backward=True, in_place=block, pre_bn=pre_bn)
+            out = _finish(u, ms, identity, saved, in_place=block)
         ctx.settings = {k: p[k] for k in SETTING_NAMES}
         ctx.has_param = tuple(p[k] is not None for k in PARAM_NAMES)
         ctx.block = block
@@ -506,17 +655,22 @@ class FusedCBAM(torch.autograd.Function):
         p.update(ctx.settings)
         g_identity = g_bn_w = g_bn_b = None
         if ctx.block:
-            g_y = torch.ops.aten.threshold_backward(g_out, out, 0)  # the ReLU's backward
-            g_identity = g_y if ctx.needs_input_grad[1] else None
             training, eps = ctx.bn["training"], ctx.bn["eps"]
             scale, shift = _affine(mean, invstd, bn_w, bn_b, training, eps)
             if not training:  # eval: `mean` and `invstd` hold the running mean and var
                 invstd = torch.rsqrt(invstd + eps)
             bn = {"mean": mean, "invstd": invstd, "w": bn_w, "b": bn_b, "training": training,
                   "alpha": scale, "beta": shift}  # fmt: skip
-            g_x, grads = _gates_backward(g_y, x, saved, p, bn)
+            if ctx.native:
+                g_x, g_y, grads = _native_backward(g_out, out, x, saved, p, bn)
+            else:
+                g_y = torch.ops.aten.threshold_backward(g_out, out, 0)  # the ReLU's backward
+                g_x, grads = _gates_backward(g_y, x, saved, p, bn)
+            g_identity = g_y if ctx.needs_input_grad[1] else None
             g_bn_w = grads["block_w"] if ctx.needs_input_grad[2] else None
             g_bn_b = grads["block_b"] if ctx.needs_input_grad[3] else None
+        elif ctx.native:
+            g_x, _, grads = _native_backward(g_out, None, x, saved, p, None)
         else:
             g_x, grads = _gates_backward(g_out, x, saved, p)
         nb = len(BLOCK_BN_NAMES)
@@ -563,6 +717,8 @@ def fused_cbam(x: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
     if torch.is_grad_enabled():
         return FusedCBAM.apply(x, None, *(None,) * len(BLOCK_BN_NAMES), *params)
     p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
+    if _native_applies(x, p):
+        return _native_forward(x, None, None, p, for_backward=False)[0]
     u, ms, saved = _gates(x, p, for_backward=False, in_place=False)
     return _finish(u, ms, None, saved, in_place=False)
 
@@ -578,10 +734,13 @@ def fused_cbam_residual(
     if bn.training:  # the error nn.BatchNorm2d raises for one value per channel
         F._verify_batch_size(pre_bn.size())
     use_batch, factor, rm, rv = batch_norm_settings(bn)
+    bn_args = (bn.weight, bn.bias, rm, rv, use_batch, factor, bn.eps)
     if not torch.is_grad_enabled():
-        x = F.batch_norm(pre_bn, rm, rv, bn.weight, bn.bias, use_batch, factor, bn.eps)
         p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
+        if _native_applies(pre_bn, p):
+            block_bn = dict(zip(BLOCK_BN_NAMES, bn_args, strict=True))
+            return _native_forward(pre_bn, identity, block_bn, p, for_backward=False)[0]
+        x = F.batch_norm(pre_bn, rm, rv, bn.weight, bn.bias, use_batch, factor, bn.eps)
         u, ms, saved = _gates(x, p, for_backward=False, in_place=True)
         return _finish(u, ms, identity, saved, in_place=True)
-    bn_args = (bn.weight, bn.bias, rm, rv, use_batch, factor, bn.eps)
     return FusedCBAM.apply(pre_bn, identity, *bn_args, *params)

@@ -1,0 +1,608 @@
+// CPU kernels for the fused CBAM (the paper's variant: avg + max pooling, channel pooling,
+// channel then spatial). Each kernel is one pass over the feature map, in NCHW or
+// channels_last, so a residual block's tail reads the conv output three times in the forward
+// (statistics and H x W pools; channel pools; gates + residual + ReLU) and three times in the
+// backward, where the separate ATen ops read or write it about twenty times.
+//
+// In a block the map is the block's conv output `b` and the kernels apply the block's
+// BatchNorm on the fly as x = alpha[c] * b + beta[c]; outside a block alpha and beta are None
+// and x = b. Arithmetic is in float (double for double inputs). The small parts (MLP, k x k
+// conv, sigmoids, BatchNorm statistics) stay in ATen (fused_cbam.py, which also has the math
+// of the backward).
+//
+// Reductions along the contiguous axis keep kLanes partial results (sums, or max/min with
+// their indices) updated lane by lane, so that the compiler can vectorise them without
+// reassociating a single accumulator; the lanes are combined at the end, ties going to the
+// lowest index.
+
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using Opt = std::optional<Tensor>;
+constexpr int64_t kLanes = 16;
+constexpr int64_t kSmallMap = 64;  // H x W below which NCHW statistics go by channel tiles
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+bool channels_last(const Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_map(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "the map must be N x C x H x W, got ", x.dim(), " dims");
+  TORCH_CHECK(x.device().is_cpu(), "the map must be a CPU tensor");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "the map must be contiguous or channels_last");
+  TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31), "H x W too large");
+}
+
+// A full-size tensor laid out like `like` (NCHW or channels_last), in its dtype.
+Tensor in_layout(const Tensor& t, const Tensor& like) {
+  return t.to(like.scalar_type())
+      .contiguous(channels_last(like) ? at::MemoryFormat::ChannelsLast
+                                      : at::MemoryFormat::Contiguous);
+}
+
+// Small tensors (per channel, per (n, c), per position) as contiguous float; None: undefined.
+Tensor vec(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+Tensor vec(const Opt& t, at::ScalarType acc) { return t.has_value() ? vec(*t, acc) : Tensor(); }
+
+template <typename T>
+const T* ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Calls f(std::integral_constant<bool, a>{}, std::integral_constant<bool, b>{}): flags that
+// select a kernel's variant at compile time, so that its inner loops carry no branches.
+template <typename F>
+void with_flags(bool a, bool b, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (a) {
+    b ? f(T{}, T{}) : f(T{}, N{});
+  } else {
+    b ? f(N{}, T{}) : f(N{}, N{});
+  }
+}
+
+#define ROW __attribute__((noinline)) void  // restrict-qualified rows vectorise reliably
+
+template <typename acc_t>
+acc_t lane_total(const acc_t* lanes) {
+  acc_t total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// --------------------------------------------------------------------------- rows
+// Each row function is one loop nest over contiguous memory.
+
+// Per-(n, c) statistics of one contiguous slice (NCHW): a first loop for the sum, max and
+// min (values only: that vectorises), a second over the slice, now in cache, for the sum of
+// squared deviations and the first index of the max and of the min. Without `Full`
+// (inference) only the first.
+template <typename scalar_t, typename acc_t, bool Full>
+ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ mean,
+                acc_t* __restrict__ m2, acc_t* __restrict__ top, int32_t* __restrict__ top_at,
+                acc_t* __restrict__ low, int32_t* __restrict__ low_at) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const int64_t full = hw - hw % kLanes;
+  acc_t sum[kLanes], hi[kLanes], lo[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) { sum[j] = 0; hi[j] = -inf; lo[j] = inf; }
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t v = q[i0 + j];
+      sum[j] += v;
+      hi[j] = v > hi[j] ? v : hi[j];
+      lo[j] = v < lo[j] ? v : lo[j];
+    }
+  }
+  acc_t total = 0, best_hi = -inf, best_lo = inf;
+  for (int64_t i = full; i < hw; ++i) {
+    const acc_t v = q[i];
+    total += v;
+    best_hi = v > best_hi ? v : best_hi;
+    best_lo = v < best_lo ? v : best_lo;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    total += sum[j];
+    best_hi = hi[j] > best_hi ? hi[j] : best_hi;
+    best_lo = lo[j] < best_lo ? lo[j] : best_lo;
+  }
+  const acc_t m = total / hw;
+  *mean = m;
+  *top = best_hi;
+  *low = best_lo;
+  if constexpr (!Full) return;
+  constexpr int32_t none = std::numeric_limits<int32_t>::max();
+  acc_t d2[kLanes] = {};
+  int32_t hi_at[kLanes], lo_at[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) hi_at[j] = lo_at[j] = none;
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t v = q[i0 + j];
+      const acc_t d = v - m;
+      d2[j] += d * d;
+      const int32_t i = int32_t(i0 + j);
+      const int32_t at_hi = v == best_hi ? i : none, at_lo = v == best_lo ? i : none;
+      hi_at[j] = at_hi < hi_at[j] ? at_hi : hi_at[j];
+      lo_at[j] = at_lo < lo_at[j] ? at_lo : lo_at[j];
+    }
+  }
+  acc_t d2_total = 0;
+  int32_t first_hi = none, first_lo = none;
+  for (int64_t i = full; i < hw; ++i) {
+    const acc_t v = q[i];
+    d2_total += (v - m) * (v - m);
+    if (v == best_hi && first_hi == none) first_hi = int32_t(i);
+    if (v == best_lo && first_lo == none) first_lo = int32_t(i);
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    d2_total += d2[j];
+    first_hi = hi_at[j] < first_hi ? hi_at[j] : first_hi;
+    first_lo = lo_at[j] < first_lo ? lo_at[j] : first_lo;
+  }
+  *m2 = d2_total;
+  *top_at = first_hi == none ? 0 : first_hi;  // none: NaNs in the slice
+  *low_at = first_lo == none ? 0 : first_lo;
+}
+
+// The same statistics for every channel of one sample (channels_last: rows of C).
+template <typename scalar_t, typename acc_t, bool Full>
+ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* __restrict__ mean,
+                 acc_t* __restrict__ m2, acc_t* __restrict__ hi, int32_t* __restrict__ hi_at,
+                 acc_t* __restrict__ lo, int32_t* __restrict__ lo_at) {
+  for (int64_t k = 0; k < c; ++k) {
+    mean[k] = 0;
+    hi[k] = lo[k] = q[k];
+    if constexpr (Full) { m2[k] = 0; hi_at[k] = lo_at[k] = 0; }
+  }
+  for (int64_t i = 0; i < hw; ++i) {
+    const scalar_t* __restrict__ r = q + i * c;
+    const int32_t ii = int32_t(i);
+    for (int64_t k = 0; k < c; ++k) {
+      const acc_t v = r[k];
+      mean[k] += v;
+      const bool higher = v > hi[k], lower = v < lo[k];
+      hi[k] = higher ? v : hi[k];
+      lo[k] = lower ? v : lo[k];
+      if constexpr (Full) {
+        hi_at[k] = higher ? ii : hi_at[k];
+        lo_at[k] = lower ? ii : lo_at[k];
+      }
+    }
+  }
+  for (int64_t k = 0; k < c; ++k) mean[k] /= hw;
+  if constexpr (!Full) return;
+  for (int64_t i = 0; i < hw; ++i) {
+    const scalar_t* __restrict__ r = q + i * c;
+    for (int64_t k = 0; k < c; ++k) {
+      const acc_t d = acc_t(r[k]) - mean[k];
+      m2[k] += d * d;
+    }
+  }
+}
+
+// Channel pool, NCHW: `len` positions of one sample, running values per position.
+template <typename scalar_t, typename acc_t, bool Affine>
+ROW pool_positions(const scalar_t* __restrict__ p, int64_t c, int64_t hw, int64_t len,
+                   const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
+                   const acc_t* __restrict__ g, acc_t* __restrict__ hi, acc_t* __restrict__ sum,
+                   int32_t* __restrict__ hi_at) {
+  for (int64_t i = 0; i < len; ++i) {
+    hi[i] = -std::numeric_limits<acc_t>::infinity(); sum[i] = 0; hi_at[i] = 0;
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    const scalar_t* __restrict__ r = p + k * hw;
+    const acc_t gk = g[k], ak = Affine ? a[k] : acc_t(1), bk = Affine ? bb[k] : acc_t(0);
+    const int32_t kk = int32_t(k);
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t u = Affine ? (acc_t(r[i]) * ak + bk) * gk : acc_t(r[i]) * gk;
+      sum[i] += u;
+      const bool higher = u > hi[i];
+      hi[i] = higher ? u : hi[i];
+      hi_at[i] = higher ? kk : hi_at[i];
+    }
+  }
+}
+
+// Channel pool, channels_last: one position, lanes along C; the argmax in a second loop
+// that recomputes u (bit for bit: the build disables floating-point contraction).
+template <typename scalar_t, typename acc_t, bool Affine>
+ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __restrict__ a,
+                  const acc_t* __restrict__ bb, const acc_t* __restrict__ g,
+                  acc_t* __restrict__ top, acc_t* __restrict__ mean, int32_t* __restrict__ top_at) {
+  auto u_at = [&](int64_t k) -> acc_t {
+    return Affine ? (acc_t(r[k]) * a[k] + bb[k]) * g[k] : acc_t(r[k]) * g[k];
+  };
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t sum[kLanes], hi[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) { sum[j] = 0; hi[j] = -inf; }
+  const int64_t full = c - c % kLanes;
+  for (int64_t k0 = 0; k0 < full; k0 += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t u = u_at(k0 + j);
+      sum[j] += u;
+      hi[j] = u > hi[j] ? u : hi[j];
+    }
+  }
+  acc_t total = 0, best = -inf;
+  for (int64_t k = full; k < c; ++k) {
+    const acc_t u = u_at(k);
+    total += u;
+    best = u > best ? u : best;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) {
+    total += sum[j];
+    best = hi[j] > best ? hi[j] : best;
+  }
+  int32_t at = 0;  // stays 0 only if every u is NaN
+  for (int64_t k = 0; k < c; ++k) {
+    if (u_at(k) == best) { at = int32_t(k); break; }
+  }
+  *top = best;
+  *mean = total / c;
+  *top_at = at;
+}
+
+// Gates (and residual + ReLU) along a contiguous run: y = (a * b + bb) * g * ms. Per-channel
+// values (a, bb, g) advance with `Step` (1: along channels, channels_last; 0: one channel,
+// NCHW) and the per-position ms with 1 - Step.
+template <typename scalar_t, typename acc_t, bool Affine, bool Block, int Step>
+ROW gate_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ id, int64_t len,
+             const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
+             const acc_t* __restrict__ g, const acc_t* __restrict__ ms, scalar_t* __restrict__ o) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = i * Step, v = i * (1 - Step);
+    const acc_t x = Affine ? acc_t(p[i]) * a[e] + bb[e] : acc_t(p[i]);
+    const acc_t y = x * g[e] * ms[v];
+    if constexpr (Block) {
+      const acc_t z = y + acc_t(id[i]);
+      o[i] = z < 0 ? acc_t(0) : z;  // NaN stays NaN, as in torch.relu
+    } else {
+      o[i] = y;
+    }
+  }
+}
+
+// Backward's first pass along a contiguous run; see backward_reduce. Along positions (NCHW,
+// `Step` 0: a, bb, g are one value, ms and g_ms per element; s0, s1 summed into *s0, *s1) or
+// along channels (channels_last, `Step` 1: a, bb, g, s0, s1 per element, ms one value and
+// g_ms summed into *g_ms).
+template <typename scalar_t, typename acc_t, bool Affine, bool Block, int Step>
+ROW reduce_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ go,
+               const scalar_t* __restrict__ yo, scalar_t* __restrict__ gy, int64_t len,
+               const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
+               const acc_t* __restrict__ g, const acc_t* __restrict__ ms,
+               acc_t* __restrict__ g_ms, acc_t* __restrict__ s0, acc_t* __restrict__ s1) {
+  acc_t t0[kLanes] = {}, t1[kLanes] = {}, acc[kLanes] = {};
+  auto step = [&](int64_t i, int64_t j) {
+    acc_t gv = go[i];
+    if constexpr (Block) {
+      gv = yo[i] > scalar_t(0) ? gv : acc_t(0);
+      gy[i] = gv;
+    }
+    const acc_t v = p[i];
+    const acc_t x = Affine ? v * a[i * Step] + bb[i * Step] : v;
+    const acc_t t = gv * ms[i * (1 - Step)];
+    if constexpr (Step == 0) {
+      g_ms[i] += gv * x * g[0];
+      t0[j] += t;
+      t1[j] += t * v;
+    } else {
+      acc[j] += gv * x * g[i];
+      s0[i] += t;
+      s1[i] += t * v;
+    }
+  };
+  const int64_t full = len - len % kLanes;
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) step(i0 + j, j);
+  }
+  for (int64_t i = full; i < len; ++i) step(i, 0);
+  if constexpr (Step == 0) {
+    *s0 = lane_total(t0);
+    *s1 = lane_total(t1);
+  } else {
+    *g_ms = lane_total(acc);
+  }
+}
+
+// Backward's last pass along a contiguous run: scale * (g_y * ms + g_mean) + k2 * b + shift,
+// with scale, k2, shift per element (`Step` 1) or one value (0), ms and g_mean the reverse.
+template <typename scalar_t, typename acc_t, bool WithK2, int Step>
+ROW grad_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ gy, int64_t len,
+             const acc_t* __restrict__ ms, const acc_t* __restrict__ g_mean,
+             const acc_t* __restrict__ scale, const acc_t* __restrict__ k2,
+             const acc_t* __restrict__ shift, scalar_t* __restrict__ o) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = i * Step, v = i * (1 - Step);
+    const acc_t rest = WithK2 ? k2[e] * acc_t(p[i]) + shift[e] : shift[e];
+    o[i] = scale[e] * (acc_t(gy[i]) * ms[v] + g_mean[v]) + rest;
+  }
+}
+
+// --------------------------------------------------------------------------- forward
+
+// Per (n, c), over H x W: mean, max and min (the min is the max of a BatchNorm output whose
+// scale is negative) and, with `full` (for training), their indices and the sum of squared
+// deviations from the mean. Those are a second loop over data still in cache: BatchNorm's
+// variance without E[x^2] - E[x]^2's cancellation.
+std::vector<Tensor> hw_stats(const Tensor& x, bool full) {
+  check_map(x);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  auto fopt = x.options().dtype(acc_type(x));
+  auto iopt = x.options().dtype(at::kInt);
+  const int64_t rows = full ? n : 0;  // what inference does not need stays empty
+  Tensor mean = at::empty({n, c}, fopt), m2 = at::empty({rows, c}, fopt);
+  Tensor top = at::empty({n, c}, fopt), top_at = at::empty({rows, c}, iopt);
+  Tensor low = at::empty({n, c}, fopt), low_at = at::empty({rows, c}, iopt);
+  const bool cl = channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "hw_stats", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    acc_t *o_mean = mean.data_ptr<acc_t>(), *o_m2 = m2.data_ptr<acc_t>();
+    acc_t *o_top = top.data_ptr<acc_t>(), *o_low = low.data_ptr<acc_t>();
+    int32_t *o_top_at = top_at.data_ptr<int32_t>(), *o_low_at = low_at.data_ptr<int32_t>();
+    with_flags(full, cl, [&](auto full_, auto cl_) {
+      if constexpr (!cl_) {
+        if (hw >= kSmallMap) {
+          at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
+            for (int64_t nc = begin; nc < end; ++nc) {
+              stats_slice<scalar_t, acc_t, full_>(p + nc * hw, hw, o_mean + nc, o_m2 + nc,
+                                                  o_top + nc, o_top_at + nc, o_low + nc,
+                                                  o_low_at + nc);
+            }
+          });
+          return;
+        }
+        // Small maps: slices too short for lanes. Transpose kLanes channels at a time into
+        // channels_last order and reduce them as rows, lanes across channels.
+        const int64_t tiles = (c + kLanes - 1) / kLanes;
+        at::parallel_for(0, n * tiles, 4, [&](int64_t begin, int64_t end) {
+          acc_t tile[kSmallMap * kLanes];
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / tiles, k0 = (task % tiles) * kLanes;
+            const int64_t width = std::min(kLanes, c - k0);
+            const scalar_t* q = p + (b * c + k0) * hw;
+            for (int64_t j = 0; j < width; ++j) {
+              for (int64_t i = 0; i < hw; ++i) tile[i * width + j] = q[j * hw + i];
+            }
+            const int64_t r = b * c + k0;
+            stats_sample<acc_t, acc_t, full_>(tile, hw, width, o_mean + r, o_m2 + r, o_top + r,
+                                              o_top_at + r, o_low + r, o_low_at + r);
+          }
+        });
+      } else {
+        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            const int64_t r = b * c;
+            stats_sample<scalar_t, acc_t, full_>(p + b * hw * c, hw, c, o_mean + r, o_m2 + r,
+                                                 o_top + r, o_top_at + r, o_low + r,
+                                                 o_low_at + r);
+          }
+        });
+      }
+    });
+  });
+  if (!full) return {mean, Tensor(), top, Tensor(), low, Tensor()};
+  return {mean, m2, top, top_at.to(at::kLong), low, low_at.to(at::kLong)};
+}
+
+// Per position, over C, of u = x * mc[n, c]: the max, its channel and the mean, as an
+// N x 2 x H x W map [max, mean] (x's dtype, NCHW) and N x 1 x H x W channel indices.
+std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha_in, const Opt& beta_in,
+                                 const Tensor& mc_in) {
+  check_map(x);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+  const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
+  const Tensor mc = vec(mc_in, acc_type(x));
+  const auto fopt = x.options().dtype(acc_type(x));
+  Tensor top = at::empty({n, 1, h, w}, fopt), mean = at::empty({n, 1, h, w}, fopt);
+  Tensor index = at::empty({n, 1, h, w}, x.options().dtype(at::kInt));
+  const bool cl = channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_pool", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta), *g = ptr<acc_t>(mc);
+    acc_t *o_top = top.data_ptr<acc_t>(), *o_mean = mean.data_ptr<acc_t>();
+    int32_t* idx = index.data_ptr<int32_t>();
+    with_flags(alpha.defined(), cl, [&](auto affine, auto cl_) {
+      if constexpr (!cl_) {
+        constexpr int64_t kChunk = 256;  // positions per task: the running values stay in L1
+        const int64_t chunks = (hw + kChunk - 1) / kChunk;
+        at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / chunks, i0 = (task % chunks) * kChunk;
+            const int64_t at_ = b * hw + i0;
+            pool_positions<scalar_t, acc_t, affine>(p + b * c * hw + i0, c, hw,
+                                                    std::min(kChunk, hw - i0), a, bb, g + b * c,
+                                                    o_top + at_, o_mean + at_, idx + at_);
+          }
+        });
+        at::parallel_for(0, n * hw, 1024, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) o_mean[i] /= c;
+        });
+      } else {
+        at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t pos = begin; pos < end; ++pos) {
+            pool_channels<scalar_t, acc_t, affine>(p + pos * c, c, a, bb, g + (pos / hw) * c,
+                                                   o_top + pos, o_mean + pos, idx + pos);
+          }
+        });
+      }
+    });
+  });
+  return {at::cat({top, mean}, 1).to(x.scalar_type()), index.to(at::kLong)};
+}
+
+// y = x * mc[n, c] * ms[n, h, w], or in a block relu(y + identity): a new map laid out as x.
+Tensor gate(const Tensor& x, const Opt& alpha_in, const Opt& beta_in, const Tensor& mc_in,
+            const Tensor& ms_in, const Opt& identity_in) {
+  check_map(x);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
+  const Tensor mc = vec(mc_in, acc_type(x)), ms = vec(ms_in, acc_type(x));
+  const Tensor identity = identity_in.has_value() ? in_layout(*identity_in, x) : Tensor();
+  Tensor out = at::empty_like(x);
+  const bool cl = channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gate", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t *p = x.const_data_ptr<scalar_t>(), *id = ptr<scalar_t>(identity);
+    const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta);
+    const acc_t *g = mc.const_data_ptr<acc_t>(), *m = ms.const_data_ptr<acc_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    with_flags(alpha.defined(), identity.defined(), [&](auto affine, auto block) {
+      if (!cl) {  // one (n, c) row: the channel's values fixed, ms along it
+        at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
+          for (int64_t nc = begin; nc < end; ++nc) {
+            const int64_t k = nc % c, off = nc * hw;
+            gate_run<scalar_t, acc_t, affine, block, 0>(
+                p + off, block ? id + off : nullptr, hw, affine ? a + k : nullptr,
+                affine ? bb + k : nullptr, g + nc, m + (nc / c) * hw, o + off);
+          }
+        });
+        return;
+      }
+      at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t pos = begin; pos < end; ++pos) {
+          const int64_t off = pos * c;
+          gate_run<scalar_t, acc_t, affine, block, 1>(p + off, block ? id + off : nullptr, c, a,
+                                                      bb, g + (pos / hw) * c, m + pos, o + off);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------- backward
+
+// The backward's first pass. g_y = g_out, or in a block g_out where the output is positive
+// (the ReLU's backward; written out, as it is also the identity's gradient). Per position,
+// the spatial gate's gradient g_ms = sum over C of g_y * x * mc; per (n, c), s0 = sum over
+// H x W of g_y * ms and s1 = the same of g_y * ms * b.
+std::vector<Tensor> backward_reduce(const Tensor& g_out_in, const Opt& out_in, const Tensor& x,
+                                    const Opt& alpha_in, const Opt& beta_in, const Tensor& mc_in,
+                                    const Tensor& ms_in) {
+  check_map(x);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+  const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
+  const Tensor mc = vec(mc_in, acc_type(x)), ms = vec(ms_in, acc_type(x));
+  const Tensor g_out = in_layout(g_out_in, x);
+  const Tensor out = out_in.has_value() ? in_layout(*out_in, x) : Tensor();
+  Tensor g_y = out.defined() ? at::empty_like(x) : g_out;
+  auto fopt = x.options().dtype(acc_type(x));
+  Tensor g_ms = at::zeros({n, 1, h, w}, fopt), s0 = at::zeros({n, c}, fopt);
+  Tensor s1 = at::zeros({n, c}, fopt);
+  const bool cl = channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "backward_reduce", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t *p = x.const_data_ptr<scalar_t>(), *go = g_out.const_data_ptr<scalar_t>();
+    const scalar_t* yo = ptr<scalar_t>(out);
+    scalar_t* gy = out.defined() ? g_y.data_ptr<scalar_t>() : nullptr;
+    const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta);
+    const acc_t *g = mc.const_data_ptr<acc_t>(), *m = ms.const_data_ptr<acc_t>();
+    acc_t *o_ms = g_ms.data_ptr<acc_t>(), *o_s0 = s0.data_ptr<acc_t>(), *o_s1 = s1.data_ptr<acc_t>();
+    with_flags(alpha.defined(), out.defined(), [&](auto affine, auto block) {
+      // One sample per task: g_ms (NCHW) or s0, s1 (channels_last) accumulate across rows.
+      at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t r = 0; r < (cl ? hw : c); ++r) {
+            const int64_t off = (b * (cl ? hw : c) + r) * (cl ? c : hw);
+            const scalar_t* yr = block ? yo + off : nullptr;
+            scalar_t* gr = block ? gy + off : nullptr;
+            if (!cl) {  // row = channel r of sample b, along positions
+              reduce_run<scalar_t, acc_t, affine, block, 0>(
+                  p + off, go + off, yr, gr, hw, affine ? a + r : nullptr,
+                  affine ? bb + r : nullptr, g + b * c + r, m + b * hw, o_ms + b * hw,
+                  o_s0 + b * c + r, o_s1 + b * c + r);
+            } else {  // row = position r of sample b, along channels
+              reduce_run<scalar_t, acc_t, affine, block, 1>(
+                  p + off, go + off, yr, gr, c, a, bb, g + b * c, m + b * hw + r,
+                  o_ms + b * hw + r, o_s0 + b * c, o_s1 + b * c);
+            }
+          }
+        }
+      });
+    });
+  });
+  return {g_y, g_ms, s0, s1};
+}
+
+// The backward's last pass: grad = scale[n, c] * (g_y * ms + g_mean) + k2[c] * b + shift[n, c]
+// (k2 None: no such term), laid out as b. The max pools' index scatters follow in ATen.
+Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
+                  const Tensor& g_mean_in, const Tensor& scale_in, const Opt& k2_in,
+                  const Tensor& shift_in) {
+  check_map(x);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const Tensor g_y = in_layout(g_y_in, x);
+  const Tensor ms = vec(ms_in, acc_type(x)), g_mean = vec(g_mean_in, acc_type(x));
+  const Tensor scale = vec(scale_in, acc_type(x)), k2v = vec(k2_in, acc_type(x));
+  const Tensor shift = vec(shift_in, acc_type(x));
+  Tensor out = at::empty_like(x);
+  const bool cl = channels_last(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "grad_input", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t *p = x.const_data_ptr<scalar_t>(), *gy = g_y.const_data_ptr<scalar_t>();
+    const acc_t *m = ms.const_data_ptr<acc_t>(), *gm = g_mean.const_data_ptr<acc_t>();
+    const acc_t *sc = scale.const_data_ptr<acc_t>(), *k2 = ptr<acc_t>(k2v);
+    const acc_t* sh = shift.const_data_ptr<acc_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    with_flags(k2v.defined(), cl, [&](auto with_k2, auto cl_) {
+      if constexpr (!cl_) {
+        at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
+          for (int64_t nc = begin; nc < end; ++nc) {
+            const int64_t b = nc / c, k = nc % c, off = nc * hw;
+            grad_run<scalar_t, acc_t, with_k2, 0>(p + off, gy + off, hw, m + b * hw, gm + b * hw,
+                                                  sc + nc, with_k2 ? k2 + k : nullptr, sh + nc,
+                                                  o + off);
+          }
+        });
+      } else {
+        at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t pos = begin; pos < end; ++pos) {
+            const int64_t b = pos / hw, off = pos * c;
+            grad_run<scalar_t, acc_t, with_k2, 1>(p + off, gy + off, c, m + pos, gm + pos,
+                                                  sc + b * c, k2, sh + b * c, o + off);
+          }
+        });
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hw_stats", &hw_stats, "per (n, c): mean, squared deviations, max, argmax, min, argmin");
+  m.def("channel_pool", &channel_pool, "per position: [max, mean] over C of x * mc, argmax");
+  m.def("gate", &gate, "x * mc * ms, or relu(x * mc * ms + identity)");
+  m.def("backward_reduce", &backward_reduce, "g_y, g_ms, s0, s1");
+  m.def("grad_input", &grad_input, "scale * (g_y * ms + g_mean) + k2 * b + shift");
+}

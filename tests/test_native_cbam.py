@@ -1,0 +1,181 @@
+"""The fused CBAM's compiled CPU kernels (layers/csrc/cbam_cpu.cpp), one by one against the
+ATen ops they replace, and what happens where they cannot be built."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from tests.test_fused_cbam import compare_fp32, randomise
+
+from cbam import CBAM
+from cbam.layers import native_cbam
+from cbam.models.resnet import Bottleneck
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+# H x W below, at and above the kernels' switch points (16 lanes; 64 positions), odd tails
+SHAPES = [(3, 5, 2, 3), (2, 37, 4, 4), (2, 19, 9, 9), (3, 21, 13, 11), (2, 64, 28, 28)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = native_cbam.load()
+    assert module is not None, "the CPU kernels did not build"
+    return module
+
+
+def layout(t, memory_format):
+    return t.contiguous(memory_format=memory_format)
+
+
+def affine(c, dtype=torch.float32):
+    """A BatchNorm-like per-channel scale (some negative) and shift."""
+    alpha = torch.randn(c, dtype=dtype)
+    alpha[::3] = -alpha[::3].abs()
+    return alpha, torch.randn(c, dtype=dtype)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_hw_stats(kernels, shape, dtype, memory_format):
+    x = layout(torch.randn(shape).to(dtype), memory_format)
+    h, w = shape[2:]
+    mean, m2, top, top_at, low, low_at = kernels.hw_stats(x, True)
+    flat = x.double().flatten(2)
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    tol = {"rtol": tol, "atol": tol}
+    torch.testing.assert_close(mean.double(), flat.mean(2), **tol)
+    torch.testing.assert_close(m2.double(), flat.var(2, correction=0) * h * w, **tol)
+    torch.testing.assert_close(top.double(), flat.amax(2))
+    torch.testing.assert_close(low.double(), flat.amin(2))
+    # the first position holding the max (min), as torch.argmax finds it for unique values
+    first = (flat == flat.amax(2, keepdim=True)).double().argmax(2)
+    torch.testing.assert_close(top_at, first)
+    torch.testing.assert_close(low_at, (flat == flat.amin(2, keepdim=True)).double().argmax(2))
+    light = kernels.hw_stats(x, False)  # inference: no variance, no indices
+    assert light[1] is None and light[3] is None and light[5] is None
+    for a, b in zip((light[0], light[2], light[4]), (mean, top, low), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_hw_stats_ties_go_to_the_first_position(kernels):
+    x = torch.zeros(1, 3, 9, 9)
+    x[0, :, 2, 5] = x[0, :, 7, 1] = 2.0  # the max at 2 * 9 + 5 = 23 and 64
+    x[0, :, 4, 4] = x[0, :, 8, 8] = -1.0  # the min at 40 and 80
+    for memory_format in FORMATS:
+        _, _, _, top_at, _, low_at = kernels.hw_stats(layout(x, memory_format), True)
+        assert top_at.tolist() == [[23] * 3] and low_at.tolist() == [[40] * 3]
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_affine", [True, False], ids=["block", "module"])
+def test_channel_pool_and_gate(kernels, shape, memory_format, with_affine):
+    n, c, h, w = shape
+    x = layout(torch.randn(shape), memory_format)
+    alpha, beta = affine(c) if with_affine else (None, None)
+    mc, ms = torch.rand(n, c), torch.rand(n, 1, h, w)
+    feature = x * alpha[:, None, None] + beta[:, None, None] if with_affine else x
+    u = feature * mc[:, :, None, None]
+    pooled, index = kernels.channel_pool(x, alpha, beta, mc)
+    values, _ = u.max(dim=1, keepdim=True)
+    torch.testing.assert_close(pooled, torch.cat([values, u.mean(dim=1, keepdim=True)], dim=1))
+    assert torch.equal(u.gather(1, index), values)  # the index points at a maximum
+    identity = layout(torch.randn(shape), memory_format) if with_affine else None
+    out = kernels.gate(x, alpha, beta, mc, ms, identity)
+    expected = (u * ms + identity).relu() if with_affine else u * ms
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("with_affine", [True, False], ids=["block", "module"])
+def test_backward_passes(kernels, shape, memory_format, with_affine):
+    n, c, h, w = shape
+    x = layout(torch.randn(shape, dtype=torch.float64), memory_format)
+    alpha, beta = affine(c, torch.float64) if with_affine else (None, None)
+    mc, ms = torch.rand(n, c, dtype=torch.float64), torch.rand(n, 1, h, w, dtype=torch.float64)
+    g_out = torch.randn(shape, dtype=torch.float64)  # NCHW either way: the kernel relayouts
+    out = layout(torch.randn(shape, dtype=torch.float64), memory_format) if with_affine else None
+    g_y, g_ms, s0, s1 = kernels.backward_reduce(g_out, out, x, alpha, beta, mc, ms)
+    expected_g_y = g_out * (out > 0) if with_affine else g_out
+    torch.testing.assert_close(g_y, expected_g_y)
+    feature = x * alpha[:, None, None] + beta[:, None, None] if with_affine else x
+    torch.testing.assert_close(g_ms, (expected_g_y * feature * mc[:, :, None, None]).sum(1, True))
+    torch.testing.assert_close(s0, (expected_g_y * ms).sum((2, 3)))
+    torch.testing.assert_close(s1, (expected_g_y * ms * x).sum((2, 3)))
+    g_mean = torch.randn(n, 1, h, w, dtype=torch.float64)
+    scale, shift = torch.randn(n, c, dtype=torch.float64), torch.randn(n, c, dtype=torch.float64)
+    k2 = torch.randn(c, dtype=torch.float64) if with_affine else None
+    grad = kernels.grad_input(g_y, x, ms, g_mean, scale, k2, shift)
+    expected = scale[:, :, None, None] * (g_y * ms + g_mean) + shift[:, :, None, None]
+    if k2 is not None:
+        expected = expected + k2[:, None, None] * x
+    torch.testing.assert_close(grad, expected)
+    assert grad.is_contiguous(memory_format=memory_format)
+
+
+def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or getattr(kernels, name)(*args)
+
+    monkeypatch.setattr(native_cbam, "_module", Counting())
+    x = torch.randn(2, 32, 6, 6, requires_grad=True)
+    Bottleneck(32, 8, attention=CBAM)(x).sum().backward()
+    assert calls == ["hw_stats", "channel_pool", "gate", "backward_reduce", "grad_input"]
+    calls.clear()
+    with torch.no_grad():
+        CBAM(32).eval()(x)
+    assert calls == ["hw_stats", "channel_pool", "gate"]
+
+
+def test_a_failed_build_warns_once_and_the_aten_path_runs(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'cbam_cpu': g++: not found")
+
+    monkeypatch.setattr(native_cbam, "_module", None)
+    monkeypatch.setattr(native_cbam, "_failed", False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    module = randomise(CBAM(16)).train()
+    x = torch.randn(2, 16, 5, 5)
+    with pytest.warns(RuntimeWarning, match="could not build the CPU kernels.*g\\+\\+: not found"):
+        compare_fp32(module, x, torch.randn_like(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        compare_fp32(module, x, torch.randn_like(x))
+    assert native_cbam.load() is None
+
+
+def test_the_environment_variable_turns_them_off():
+    code = "from cbam.layers import native_cbam; print(native_cbam.enabled())"
+    env = {**os.environ, "CBAM_NATIVE": "0"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_bf16_block_runs_the_kernels_close_to_fp32(kernels):
+    torch.manual_seed(0)
+    block = randomise(Bottleneck(32, 8, attention=CBAM)).train()
+    x = torch.randn(4, 32, 9, 9)
+    block16 = Bottleneck(32, 8, attention=CBAM).train()
+    block16.load_state_dict(block.state_dict())
+    block16 = block16.to(torch.bfloat16)
+    y32, y16 = block(x), block16(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16 and y16.grad_fn.name() == "FusedCBAMBackward"
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 2e-2
+
+
+def test_nan_propagates_through_the_block_like_the_reference(kernels):
+    block = Bottleneck(32, 8, attention=CBAM).train()
+    x = torch.randn(2, 32, 6, 6)
+    x[0, 3, 2, 2] = float("nan")
+    assert torch.isnan(block(x)).any()  # a swallowed NaN would hide a diverged training run
