@@ -1,6 +1,6 @@
 """The fused CBAM's CPU kernels (`csrc/cbam_cpu.cpp`): one pass over the map per step.
 
-Compiled on first use with torch's C++ extension loader (g++ and ninja; about a minute, then
+Compiled on first use with torch's C++ extension loader (g++ and ninja; ~30 s on 2 cores, then
 cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where they cannot be built
 (no compiler), the fused path runs its ATen implementation instead, after one warning.
 `CBAM_NATIVE=0` in the environment (read at import) or `set_enabled(False)` turns them off.
@@ -74,7 +74,7 @@ def load() -> ModuleType | None:
         cpp_extension.verify_ninja_availability()
         build_dir = Path(cpp_extension._get_build_directory(_build_name(), verbose=False))
         if not any(build_dir.glob("*.so")):
-            print("cbam: compiling the CPU kernels (once, about a minute)...", file=sys.stderr)
+            print("cbam: compiling the CPU kernels (once, ~30 s)...", file=sys.stderr)
         _module = cpp_extension.load(
             name=_build_name(),
             sources=[str(_SOURCE)],
