@@ -43,7 +43,7 @@ def affine(c, dtype=torch.float32):
 def test_hw_stats(kernels, shape, dtype, memory_format):
     x = layout(torch.randn(shape).to(dtype), memory_format)
     h, w = shape[2:]
-    mean, m2, top, top_at, low, low_at = kernels.hw_stats(x, True)
+    mean, m2, top, top_at, low, low_at = kernels.hw_stats(x, True, True)
     flat = x.double().flatten(2)
     tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
     tol = {"rtol": tol, "atol": tol}
@@ -55,10 +55,15 @@ def test_hw_stats(kernels, shape, dtype, memory_format):
     first = (flat == flat.amax(2, keepdim=True)).double().argmax(2)
     torch.testing.assert_close(top_at, first)
     torch.testing.assert_close(low_at, (flat == flat.amin(2, keepdim=True)).double().argmax(2))
-    light = kernels.hw_stats(x, False)  # inference: no variance, no indices
-    assert light[1] is None and light[3] is None and light[5] is None
-    for a, b in zip((light[0], light[2], light[4]), (mean, top, low), strict=True):
-        torch.testing.assert_close(a, b)
+    full = (mean, m2, top, top_at, low, low_at)
+    for with_index, with_variance in [(False, False), (True, False), (False, True)]:
+        part = kernels.hw_stats(x, with_index, with_variance)  # what is not asked for: None
+        wanted = [True, with_variance, True, with_index, True, with_index]
+        for got, expected, asked in zip(part, full, wanted, strict=True):
+            if asked:
+                torch.testing.assert_close(got, expected)
+            else:
+                assert got is None
 
 
 def test_hw_stats_ties_go_to_the_first_position(kernels):
@@ -66,7 +71,7 @@ def test_hw_stats_ties_go_to_the_first_position(kernels):
     x[0, :, 2, 5] = x[0, :, 7, 1] = 2.0  # the max at 2 * 9 + 5 = 23 and 64
     x[0, :, 4, 4] = x[0, :, 8, 8] = -1.0  # the min at 40 and 80
     for memory_format in FORMATS:
-        _, _, _, top_at, _, low_at = kernels.hw_stats(layout(x, memory_format), True)
+        _, _, _, top_at, _, low_at = kernels.hw_stats(layout(x, memory_format), True, False)
         assert top_at.tolist() == [[23] * 3] and low_at.tolist() == [[40] * 3]
 
 

@@ -489,26 +489,22 @@ def _native_forward(
     (BLOCK_BN_NAMES), with x its input; None for the module alone."""
     kernels = native_cbam.kernels()
     hw = x.shape[2] * x.shape[3]
-    full = for_backward or (bn is not None and bn["training"])  # indices, variance
-    means, m2, top, top_at, low, low_at = kernels.hw_stats(x, full)
+    batch_stats = bn is not None and bn["training"]
+    means, m2, top, top_at, low, low_at = kernels.hw_stats(x, for_backward, batch_stats)
     alpha = beta = None
     stats: tuple[Any, Any] = (None, None)
     avg, top_hw, idx_hw = means, top, top_at
     if bn is not None:
-        if bn["training"]:
+        if batch_stats:
             mean, var, unbiased = _batch_statistics(means, m2, hw)
             if bn["rm"] is not None:
                 bn["rm"].lerp_(mean.to(bn["rm"].dtype), bn["momentum"])
                 bn["rv"].lerp_(unbiased.to(bn["rv"].dtype), bn["momentum"])
-            invstd = torch.rsqrt(var + bn["eps"])
-            stats = (mean, invstd)
+            stats = (mean, torch.rsqrt(var + bn["eps"]))
         else:
-            mean, invstd = (
-                bn["rm"].to(means.dtype),
-                torch.rsqrt(bn["rv"].to(means.dtype) + bn["eps"]),
-            )
             stats = (bn["rm"].clone(), bn["rv"].clone())
-        alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], True, bn["eps"])
+        mean_or, invstd_or_var = (t.to(means.dtype) for t in stats)
+        alpha, beta = _affine(mean_or, invstd_or_var, bn["w"], bn["b"], batch_stats, bn["eps"])
         alpha, beta = alpha.to(means.dtype), beta.to(means.dtype)
         # BatchNorm is monotone per channel: the max of its output is at the max of its input,
         # or at the min where the scale is negative.
@@ -632,14 +628,13 @@ class FusedCBAM(torch.autograd.Function):
                 x, identity, bn if block else None, p, True
             )
             stats = (mean, invstd, bn["w"], bn["b"])
-        elif block:
-            feature, mean, invstd = _block_batch_norm(x, bn)
-            stats = (mean, invstd, bn["w"], bn["b"])
-            alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], bn["training"], bn["eps"])
-            pre_bn = (x, alpha, beta)
         else:
             feature = x
-        if not ctx.native:
+            if block:
+                feature, mean, invstd = _block_batch_norm(x, bn)
+                stats = (mean, invstd, bn["w"], bn["b"])
+                alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], bn["training"], bn["eps"])
+                pre_bn = (x, alpha, beta)
             u, ms, saved = _gates(feature, p, for_backward=True, in_place=block, pre_bn=pre_bn)
             out = _finish(u, ms, identity, saved, in_place=block)
         ctx.settings = {k: p[k] for k in SETTING_NAMES}

@@ -72,12 +72,15 @@ def load() -> ModuleType | None:
         pass
     try:
         cpp_extension.verify_ninja_availability()
-        build_dir = Path(cpp_extension._get_build_directory(_build_name(), verbose=False))
+        name = _build_name()
+        build_dir = _build_root(cpp_extension.get_default_build_root()) / name
+        build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob("*.so")):
             print("cbam: compiling the CPU kernels (once, ~30 s)...", file=sys.stderr)
         _module = cpp_extension.load(
-            name=_build_name(),
+            name=name,
             sources=[str(_SOURCE)],
+            build_directory=str(build_dir),
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -92,6 +95,14 @@ def load() -> ModuleType | None:
             stacklevel=2,
         )
     return _module
+
+
+def _build_root(default: str) -> Path:
+    """$TORCH_EXTENSIONS_DIR or torch's default, per Python and torch version: the build links
+    against both, and torch's loader only notices changed sources and flags."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or default
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return Path(root) / version.replace("+", "_")
 
 
 def _build_name() -> str:

@@ -106,9 +106,9 @@ acc_t lane_total(const acc_t* lanes) {
 
 // Per-(n, c) statistics of one contiguous slice (NCHW): a first loop for the sum, max and
 // min (values only: that vectorises), a second over the slice, now in cache, for the sum of
-// squared deviations and the first index of the max and of the min. Without `Full`
-// (inference) only the first.
-template <typename scalar_t, typename acc_t, bool Full>
+// squared deviations (`Var`, for BatchNorm's batch statistics) and the first index of the max
+// and of the min (`Index`, for the backward).
+template <typename scalar_t, typename acc_t, bool Index, bool Var>
 ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ mean,
                 acc_t* __restrict__ m2, acc_t* __restrict__ top, int32_t* __restrict__ top_at,
                 acc_t* __restrict__ low, int32_t* __restrict__ low_at) {
@@ -140,7 +140,7 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
   *mean = m;
   *top = best_hi;
   *low = best_lo;
-  if constexpr (!Full) return;
+  if constexpr (!Index && !Var) return;
   constexpr int32_t none = std::numeric_limits<int32_t>::max();
   acc_t d2[kLanes] = {};
   int32_t hi_at[kLanes], lo_at[kLanes];
@@ -148,12 +148,13 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
   for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
       const acc_t v = q[i0 + j];
-      const acc_t d = v - m;
-      d2[j] += d * d;
-      const int32_t i = int32_t(i0 + j);
-      const int32_t at_hi = v == best_hi ? i : none, at_lo = v == best_lo ? i : none;
-      hi_at[j] = at_hi < hi_at[j] ? at_hi : hi_at[j];
-      lo_at[j] = at_lo < lo_at[j] ? at_lo : lo_at[j];
+      if constexpr (Var) d2[j] += (v - m) * (v - m);
+      if constexpr (Index) {
+        const int32_t i = int32_t(i0 + j);
+        const int32_t at_hi = v == best_hi ? i : none, at_lo = v == best_lo ? i : none;
+        hi_at[j] = at_hi < hi_at[j] ? at_hi : hi_at[j];
+        lo_at[j] = at_lo < lo_at[j] ? at_lo : lo_at[j];
+      }
     }
   }
   acc_t d2_total = 0;
@@ -169,20 +170,23 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
     first_hi = hi_at[j] < first_hi ? hi_at[j] : first_hi;
     first_lo = lo_at[j] < first_lo ? lo_at[j] : first_lo;
   }
-  *m2 = d2_total;
-  *top_at = first_hi == none ? 0 : first_hi;  // none: NaNs in the slice
-  *low_at = first_lo == none ? 0 : first_lo;
+  if constexpr (Var) *m2 = d2_total;
+  if constexpr (Index) {
+    *top_at = first_hi == none ? 0 : first_hi;  // none: NaNs in the slice
+    *low_at = first_lo == none ? 0 : first_lo;
+  }
 }
 
 // The same statistics for every channel of one sample (channels_last: rows of C).
-template <typename scalar_t, typename acc_t, bool Full>
+template <typename scalar_t, typename acc_t, bool Index, bool Var>
 ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* __restrict__ mean,
                  acc_t* __restrict__ m2, acc_t* __restrict__ hi, int32_t* __restrict__ hi_at,
                  acc_t* __restrict__ lo, int32_t* __restrict__ lo_at) {
   for (int64_t k = 0; k < c; ++k) {
     mean[k] = 0;
     hi[k] = lo[k] = q[k];
-    if constexpr (Full) { m2[k] = 0; hi_at[k] = lo_at[k] = 0; }
+    if constexpr (Var) m2[k] = 0;
+    if constexpr (Index) hi_at[k] = lo_at[k] = 0;
   }
   for (int64_t i = 0; i < hw; ++i) {
     const scalar_t* __restrict__ r = q + i * c;
@@ -193,14 +197,14 @@ ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* _
       const bool higher = v > hi[k], lower = v < lo[k];
       hi[k] = higher ? v : hi[k];
       lo[k] = lower ? v : lo[k];
-      if constexpr (Full) {
+      if constexpr (Index) {
         hi_at[k] = higher ? ii : hi_at[k];
         lo_at[k] = lower ? ii : lo_at[k];
       }
     }
   }
   for (int64_t k = 0; k < c; ++k) mean[k] /= hw;
-  if constexpr (!Full) return;
+  if constexpr (!Var) return;
   for (int64_t i = 0; i < hw; ++i) {
     const scalar_t* __restrict__ r = q + i * c;
     for (int64_t k = 0; k < c; ++k) {
@@ -210,7 +214,8 @@ ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* _
   }
 }
 
-// Channel pool, NCHW: `len` positions of one sample, running values per position.
+// Channel pool, NCHW: `len` positions of one sample, running values per position (the sums
+// become means at the end).
 template <typename scalar_t, typename acc_t, bool Affine>
 ROW pool_positions(const scalar_t* __restrict__ p, int64_t c, int64_t hw, int64_t len,
                    const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
@@ -231,6 +236,7 @@ ROW pool_positions(const scalar_t* __restrict__ p, int64_t c, int64_t hw, int64_
       hi_at[i] = higher ? kk : hi_at[i];
     }
   }
+  for (int64_t i = 0; i < len; ++i) sum[i] /= c;
 }
 
 // Channel pool, channels_last: one position, lanes along C; the argmax in a second loop
@@ -352,18 +358,19 @@ ROW grad_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ gy, in
 // --------------------------------------------------------------------------- forward
 
 // Per (n, c), over H x W: mean, max and min (the min is the max of a BatchNorm output whose
-// scale is negative) and, with `full` (for training), their indices and the sum of squared
-// deviations from the mean. Those are a second loop over data still in cache: BatchNorm's
-// variance without E[x^2] - E[x]^2's cancellation.
-std::vector<Tensor> hw_stats(const Tensor& x, bool full) {
+// scale is negative); with `with_index` (for the backward) the first position of each, with
+// `with_variance` (for BatchNorm's batch statistics) the sum of squared deviations from the
+// mean. Those come from a second loop over data still in cache: BatchNorm's variance without
+// E[x^2] - E[x]^2's cancellation. What is not asked for is returned as None.
+std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_variance) {
   check_map(x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   auto fopt = x.options().dtype(acc_type(x));
   auto iopt = x.options().dtype(at::kInt);
-  const int64_t rows = full ? n : 0;  // what inference does not need stays empty
-  Tensor mean = at::empty({n, c}, fopt), m2 = at::empty({rows, c}, fopt);
-  Tensor top = at::empty({n, c}, fopt), top_at = at::empty({rows, c}, iopt);
-  Tensor low = at::empty({n, c}, fopt), low_at = at::empty({rows, c}, iopt);
+  const int64_t index_rows = with_index ? n : 0, variance_rows = with_variance ? n : 0;
+  Tensor mean = at::empty({n, c}, fopt), m2 = at::empty({variance_rows, c}, fopt);
+  Tensor top = at::empty({n, c}, fopt), top_at = at::empty({index_rows, c}, iopt);
+  Tensor low = at::empty({n, c}, fopt), low_at = at::empty({index_rows, c}, iopt);
   const bool cl = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "hw_stats", [&] {
     using acc_t = typename Acc<scalar_t>::type;
@@ -371,20 +378,26 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool full) {
     acc_t *o_mean = mean.data_ptr<acc_t>(), *o_m2 = m2.data_ptr<acc_t>();
     acc_t *o_top = top.data_ptr<acc_t>(), *o_low = low.data_ptr<acc_t>();
     int32_t *o_top_at = top_at.data_ptr<int32_t>(), *o_low_at = low_at.data_ptr<int32_t>();
-    with_flags(full, cl, [&](auto full_, auto cl_) {
-      if constexpr (!cl_) {
-        if (hw >= kSmallMap) {
-          at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
-            for (int64_t nc = begin; nc < end; ++nc) {
-              stats_slice<scalar_t, acc_t, full_>(p + nc * hw, hw, o_mean + nc, o_m2 + nc,
-                                                  o_top + nc, o_top_at + nc, o_low + nc,
-                                                  o_low_at + nc);
-            }
-          });
-          return;
-        }
-        // Small maps: slices too short for lanes. Transpose kLanes channels at a time into
-        // channels_last order and reduce them as rows, lanes across channels.
+    with_flags(with_index, with_variance, [&](auto index_, auto var_) {
+      if (cl) {
+        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b) {
+            const int64_t r = b * c;
+            stats_sample<scalar_t, acc_t, index_, var_>(p + b * hw * c, hw, c, o_mean + r,
+                                                        o_m2 + r, o_top + r, o_top_at + r,
+                                                        o_low + r, o_low_at + r);
+          }
+        });
+      } else if (hw >= kSmallMap) {
+        at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
+          for (int64_t nc = begin; nc < end; ++nc) {
+            stats_slice<scalar_t, acc_t, index_, var_>(p + nc * hw, hw, o_mean + nc, o_m2 + nc,
+                                                       o_top + nc, o_top_at + nc, o_low + nc,
+                                                       o_low_at + nc);
+          }
+        });
+      } else {  // small NCHW maps: slices too short for lanes. Transpose kLanes channels at a
+                // time into channels_last order and reduce them as rows, lanes across channels.
         const int64_t tiles = (c + kLanes - 1) / kLanes;
         at::parallel_for(0, n * tiles, 4, [&](int64_t begin, int64_t end) {
           acc_t tile[kSmallMap * kLanes];
@@ -396,24 +409,17 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool full) {
               for (int64_t i = 0; i < hw; ++i) tile[i * width + j] = q[j * hw + i];
             }
             const int64_t r = b * c + k0;
-            stats_sample<acc_t, acc_t, full_>(tile, hw, width, o_mean + r, o_m2 + r, o_top + r,
-                                              o_top_at + r, o_low + r, o_low_at + r);
-          }
-        });
-      } else {
-        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) {
-            const int64_t r = b * c;
-            stats_sample<scalar_t, acc_t, full_>(p + b * hw * c, hw, c, o_mean + r, o_m2 + r,
-                                                 o_top + r, o_top_at + r, o_low + r,
-                                                 o_low_at + r);
+            stats_sample<acc_t, acc_t, index_, var_>(tile, hw, width, o_mean + r, o_m2 + r,
+                                                     o_top + r, o_top_at + r, o_low + r,
+                                                     o_low_at + r);
           }
         });
       }
     });
   });
-  if (!full) return {mean, Tensor(), top, Tensor(), low, Tensor()};
-  return {mean, m2, top, top_at.to(at::kLong), low, low_at.to(at::kLong)};
+  const Tensor none;
+  return {mean, with_variance ? m2 : none, top, with_index ? top_at.to(at::kLong) : none,
+          low, with_index ? low_at.to(at::kLong) : none};
 }
 
 // Per position, over C, of u = x * mc[n, c]: the max, its channel and the mean, as an
@@ -446,9 +452,6 @@ std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha_in, const Opt
                                                     std::min(kChunk, hw - i0), a, bb, g + b * c,
                                                     o_top + at_, o_mean + at_, idx + at_);
           }
-        });
-        at::parallel_for(0, n * hw, 1024, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) o_mean[i] /= c;
         });
       } else {
         at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
