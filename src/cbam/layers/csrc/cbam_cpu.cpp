@@ -11,9 +11,9 @@
 // of the backward).
 //
 // Reductions along the contiguous axis keep kLanes partial results (sums, or max/min with
-// their indices) updated lane by lane, so that the compiler can vectorise them without
-// reassociating a single accumulator; the lanes are combined at the end, ties going to the
-// lowest index.
+// their indices) in GCC vector types: one accumulator per lane, combined in lane order at the
+// end, ties going to the lowest index. (Written as arrays of lanes, GCC kept them in scalar
+// registers: the statistics pass ran 4x slower than a copy of the map.)
 
 #include <torch/extension.h>
 
@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -32,7 +33,7 @@ namespace {
 using at::Tensor;
 using Opt = std::optional<Tensor>;
 constexpr int64_t kLanes = 16;
-constexpr int64_t kSmallMap = 64;  // H x W below which NCHW statistics go by channel tiles
+constexpr int64_t kSmallMap = 32;  // H x W below which NCHW statistics go by channel tiles
 
 template <typename T>
 struct Acc {
@@ -94,8 +95,48 @@ void with_flags(bool a, bool b, F&& f) {
 
 #define ROW __attribute__((noinline)) void  // restrict-qualified rows vectorise reliably
 
+// kLanes values of the accumulation type, and integers of the same width (what comparing two
+// of them gives; used for indices).
 template <typename acc_t>
-acc_t lane_total(const acc_t* lanes) {
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t index __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t index __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+template <typename V, typename scalar_t>
+V load(const scalar_t* q) {
+  V v;
+  if constexpr (sizeof(scalar_t) * kLanes == sizeof(V)) {
+    std::memcpy(&v, q, sizeof v);
+  } else {
+    for (int64_t j = 0; j < kLanes; ++j) v[j] = q[j];
+  }
+  return v;
+}
+
+template <typename V, typename scalar_t>
+void store(scalar_t* q, const V& v) {
+  if constexpr (sizeof(scalar_t) * kLanes == sizeof(V)) {
+    std::memcpy(q, &v, sizeof v);
+  } else {
+    for (int64_t j = 0; j < kLanes; ++j) q[j] = scalar_t(v[j]);
+  }
+}
+
+template <typename acc_t>
+typename Lanes<acc_t>::type splat(acc_t value) {
+  return typename Lanes<acc_t>::type{} + value;
+}
+
+template <typename acc_t>
+acc_t lane_total(const typename Lanes<acc_t>::type& lanes) {
   acc_t total = 0;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
@@ -112,17 +153,16 @@ template <typename scalar_t, typename acc_t, bool Index, bool Var>
 ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ mean,
                 acc_t* __restrict__ m2, acc_t* __restrict__ top, int32_t* __restrict__ top_at,
                 acc_t* __restrict__ low, int32_t* __restrict__ low_at) {
+  using V = typename Lanes<acc_t>::type;
+  using I = typename Lanes<acc_t>::index;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t full = hw - hw % kLanes;
-  acc_t sum[kLanes], hi[kLanes], lo[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) { sum[j] = 0; hi[j] = -inf; lo[j] = inf; }
+  V sum = splat<acc_t>(0), hi = splat<acc_t>(-inf), lo = splat<acc_t>(inf);
   for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t v = q[i0 + j];
-      sum[j] += v;
-      hi[j] = v > hi[j] ? v : hi[j];
-      lo[j] = v < lo[j] ? v : lo[j];
-    }
+    const V v = load<V>(q + i0);
+    sum += v;
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
   }
   acc_t total = 0, best_hi = -inf, best_lo = inf;
   for (int64_t i = full; i < hw; ++i) {
@@ -141,29 +181,29 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
   *top = best_hi;
   *low = best_lo;
   if constexpr (!Index && !Var) return;
-  constexpr int32_t none = std::numeric_limits<int32_t>::max();
-  acc_t d2[kLanes] = {};
-  int32_t hi_at[kLanes], lo_at[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) hi_at[j] = lo_at[j] = none;
-  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t v = q[i0 + j];
-      if constexpr (Var) d2[j] += (v - m) * (v - m);
-      if constexpr (Index) {
-        const int32_t i = int32_t(i0 + j);
-        const int32_t at_hi = v == best_hi ? i : none, at_lo = v == best_lo ? i : none;
-        hi_at[j] = at_hi < hi_at[j] ? at_hi : hi_at[j];
-        lo_at[j] = at_lo < lo_at[j] ? at_lo : lo_at[j];
-      }
+  using index_t = decltype(I{}[0] + 0);
+  const index_t none = std::numeric_limits<int32_t>::max();
+  V d2 = splat<acc_t>(0);
+  I hi_at = I{} + none, lo_at = I{} + none, at = I{};
+  for (int64_t j = 0; j < kLanes; ++j) at[j] = index_t(j);
+  const V vm = splat<acc_t>(m), v_hi = splat<acc_t>(best_hi), v_lo = splat<acc_t>(best_lo);
+  const I v_none = I{} + none;
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes, at += index_t(kLanes)) {
+    const V v = load<V>(q + i0);
+    if constexpr (Var) d2 += (v - vm) * (v - vm);
+    if constexpr (Index) {  // the first index per lane, as a running min (a 1-cycle chain)
+      const I at_hi = v == v_hi ? at : v_none, at_lo = v == v_lo ? at : v_none;
+      hi_at = at_hi < hi_at ? at_hi : hi_at;
+      lo_at = at_lo < lo_at ? at_lo : lo_at;
     }
   }
   acc_t d2_total = 0;
-  int32_t first_hi = none, first_lo = none;
+  index_t first_hi = none, first_lo = none;
   for (int64_t i = full; i < hw; ++i) {
     const acc_t v = q[i];
     d2_total += (v - m) * (v - m);
-    if (v == best_hi && first_hi == none) first_hi = int32_t(i);
-    if (v == best_lo && first_lo == none) first_lo = int32_t(i);
+    if (v == best_hi && first_hi == none) first_hi = index_t(i);
+    if (v == best_lo && first_lo == none) first_lo = index_t(i);
   }
   for (int64_t j = 0; j < kLanes; ++j) {
     d2_total += d2[j];
@@ -172,8 +212,8 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
   }
   if constexpr (Var) *m2 = d2_total;
   if constexpr (Index) {
-    *top_at = first_hi == none ? 0 : first_hi;  // none: NaNs in the slice
-    *low_at = first_lo == none ? 0 : first_lo;
+    *top_at = first_hi == none ? 0 : int32_t(first_hi);  // none: NaNs in the slice
+    *low_at = first_lo == none ? 0 : int32_t(first_lo);
   }
 }
 
@@ -245,19 +285,24 @@ template <typename scalar_t, typename acc_t, bool Affine>
 ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ bb, const acc_t* __restrict__ g,
                   acc_t* __restrict__ top, acc_t* __restrict__ mean, int32_t* __restrict__ top_at) {
+  using V = typename Lanes<acc_t>::type;
+  using I = typename Lanes<acc_t>::index;
+  using index_t = decltype(I{}[0] + 0);
   auto u_at = [&](int64_t k) -> acc_t {
     return Affine ? (acc_t(r[k]) * a[k] + bb[k]) * g[k] : acc_t(r[k]) * g[k];
   };
+  auto u_lanes = [&](int64_t k0) -> V {
+    const V v = load<V>(r + k0);
+    return Affine ? (v * load<V>(a + k0) + load<V>(bb + k0)) * load<V>(g + k0)
+                  : v * load<V>(g + k0);
+  };
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  acc_t sum[kLanes], hi[kLanes];
-  for (int64_t j = 0; j < kLanes; ++j) { sum[j] = 0; hi[j] = -inf; }
+  V sum = splat<acc_t>(0), hi = splat<acc_t>(-inf);
   const int64_t full = c - c % kLanes;
   for (int64_t k0 = 0; k0 < full; k0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const acc_t u = u_at(k0 + j);
-      sum[j] += u;
-      hi[j] = u > hi[j] ? u : hi[j];
-    }
+    const V u = u_lanes(k0);
+    sum += u;
+    hi = u > hi ? u : hi;
   }
   acc_t total = 0, best = -inf;
   for (int64_t k = full; k < c; ++k) {
@@ -269,13 +314,23 @@ ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __rest
     total += sum[j];
     best = hi[j] > best ? hi[j] : best;
   }
-  int32_t at = 0;  // stays 0 only if every u is NaN
-  for (int64_t k = 0; k < c; ++k) {
-    if (u_at(k) == best) { at = int32_t(k); break; }
+  const index_t none = std::numeric_limits<int32_t>::max();
+  const I v_none = I{} + none;
+  const V v_best = splat<acc_t>(best);
+  I first = v_none, at = I{};
+  for (int64_t j = 0; j < kLanes; ++j) at[j] = index_t(j);
+  for (int64_t k0 = 0; k0 < full; k0 += kLanes, at += index_t(kLanes)) {
+    const I hit = u_lanes(k0) == v_best ? at : v_none;
+    first = hit < first ? hit : first;
+  }
+  index_t found = none;
+  for (int64_t j = 0; j < kLanes; ++j) found = first[j] < found ? first[j] : found;
+  for (int64_t k = full; k < c && found == none; ++k) {
+    if (u_at(k) == best) found = index_t(k);
   }
   *top = best;
   *mean = total / c;
-  *top_at = at;
+  *top_at = found == none ? 0 : int32_t(found);  // none only if every u is NaN
 }
 
 // Gates (and residual + ReLU) along a contiguous run: y = (a * b + bb) * g * ms. Per-channel
@@ -308,8 +363,32 @@ ROW reduce_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ go,
                const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
                const acc_t* __restrict__ g, const acc_t* __restrict__ ms,
                acc_t* __restrict__ g_ms, acc_t* __restrict__ s0, acc_t* __restrict__ s1) {
-  acc_t t0[kLanes] = {}, t1[kLanes] = {}, acc[kLanes] = {};
-  auto step = [&](int64_t i, int64_t j) {
+  using V = typename Lanes<acc_t>::type;
+  V t0 = splat<acc_t>(0), t1 = splat<acc_t>(0), acc = splat<acc_t>(0);
+  const int64_t full = len - len % kLanes;
+  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
+    V gv = load<V>(go + i0);
+    if constexpr (Block) {
+      gv = load<V>(yo + i0) > splat<acc_t>(0) ? gv : splat<acc_t>(0);
+      store(gy + i0, gv);
+    }
+    const V v = load<V>(p + i0);
+    if constexpr (Step == 0) {
+      const V x = Affine ? v * a[0] + bb[0] : v;
+      const V t = gv * load<V>(ms + i0);
+      store(g_ms + i0, load<V>(g_ms + i0) + gv * x * g[0]);
+      t0 += t;
+      t1 += t * v;
+    } else {
+      const V x = Affine ? v * load<V>(a + i0) + load<V>(bb + i0) : v;
+      const V t = gv * ms[0];
+      acc += gv * x * load<V>(g + i0);
+      store(s0 + i0, load<V>(s0 + i0) + t);
+      store(s1 + i0, load<V>(s1 + i0) + t * v);
+    }
+  }
+  acc_t r0 = 0, r1 = 0, r2 = 0;
+  for (int64_t i = full; i < len; ++i) {
     acc_t gv = go[i];
     if constexpr (Block) {
       gv = yo[i] > scalar_t(0) ? gv : acc_t(0);
@@ -320,24 +399,19 @@ ROW reduce_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ go,
     const acc_t t = gv * ms[i * (1 - Step)];
     if constexpr (Step == 0) {
       g_ms[i] += gv * x * g[0];
-      t0[j] += t;
-      t1[j] += t * v;
+      r0 += t;
+      r1 += t * v;
     } else {
-      acc[j] += gv * x * g[i];
+      r2 += gv * x * g[i];
       s0[i] += t;
       s1[i] += t * v;
     }
-  };
-  const int64_t full = len - len % kLanes;
-  for (int64_t i0 = 0; i0 < full; i0 += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) step(i0 + j, j);
   }
-  for (int64_t i = full; i < len; ++i) step(i, 0);
   if constexpr (Step == 0) {
-    *s0 = lane_total(t0);
-    *s1 = lane_total(t1);
+    *s0 = r0 + lane_total<acc_t>(t0);
+    *s1 = r1 + lane_total<acc_t>(t1);
   } else {
-    *g_ms = lane_total(acc);
+    *g_ms = r2 + lane_total<acc_t>(acc);
   }
 }
 
