@@ -1,6 +1,7 @@
 """The fused CBAM's compiled CPU kernels (layers/csrc/cbam_cpu.cpp), one by one against the
 ATen ops they replace, and what happens where they cannot be built."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,10 +13,11 @@ from tests.test_fused_cbam import compare_fp32, randomise
 
 from cbam import CBAM
 from cbam.layers import native_cbam
+from cbam.layers.cbam import set_cbam_impl
 from cbam.models.resnet import Bottleneck
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
-# H x W below, at and above the kernels' switch points (16 lanes; 64 positions), odd tails
+# H x W below, at and above the kernels' switch points (16 lanes; 32 positions), odd tails
 SHAPES = [(3, 5, 2, 3), (2, 37, 4, 4), (2, 19, 9, 9), (3, 21, 13, 11), (2, 64, 28, 28)]
 
 
@@ -138,7 +140,44 @@ def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     calls.clear()
     with torch.no_grad():
         CBAM(32).eval()(x)
+        Bottleneck(32, 8, attention=CBAM).eval()(x)
+    assert calls == ["forward_eval", "forward_eval"]  # eval mode: one call
+    calls.clear()
+    with torch.no_grad():  # batch statistics: the passes one by one
+        Bottleneck(32, 8, attention=CBAM).train()(x)
     assert calls == ["hw_stats", "channel_pool", "gate"]
+
+
+EVAL_VARIANTS = [{}, {"pool_types": ("max",)}, {"pool_types": ("max", "avg")},
+                 {"pool_types": ("avg",), "kernel_size": 3, "reduction": 4}]  # fmt: skip
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(1, 32, 3, 5), (3, 32, 9, 7), (2, 32, 28, 28)], ids=str)
+@pytest.mark.parametrize("kwargs", EVAL_VARIANTS, ids=str)
+@pytest.mark.parametrize("block", [False, True], ids=["module", "block"])
+def test_the_eval_forward_in_one_call_equals_the_reference(
+    kernels, block, kwargs, shape, memory_format
+):
+    torch.manual_seed(0)
+    if block:
+        model = Bottleneck(32, 8, attention=lambda c: CBAM(c, **kwargs))
+    else:
+        model = CBAM(32, **kwargs)
+    model = randomise(model).double().eval().to(memory_format=memory_format)
+    reference = copy.deepcopy(model)
+    set_cbam_impl(reference, "reference")
+    x = layout(torch.randn(shape, dtype=torch.float64), memory_format)
+    with torch.no_grad():
+        expected = reference(x)
+        with native_cbam.disabled():
+            aten = model(x)
+        for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
+            out = model.to(dtype)(x.to(dtype))
+            assert out.dtype == dtype and out.is_contiguous(memory_format=memory_format)
+            error = (out.double() - expected).abs().max() / expected.abs().max()
+            assert error <= tol, f"{dtype}: scaled error {error:.3g}"
+    torch.testing.assert_close(aten, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_a_failed_build_warns_once_and_the_aten_path_runs(monkeypatch):

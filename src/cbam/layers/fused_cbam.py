@@ -169,7 +169,10 @@ def _channel_gate(vectors: list[torch.Tensor], p: dict[str, Any]) -> tuple[torch
     """Mc = sigmoid(sum over pools of MLP(pool)), N x C, from the pooled N x C vectors."""
     pooled = torch.stack(vectors)  # P x N x C: one batched MLP call, as in the reference
     hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
-    mc = torch.sigmoid(F.linear(hidden, p["w2"], p["b2"]).sum(dim=0))
+    # The second layer is linear: applied once to the sum of the hidden activations (with P
+    # times its bias) it gives the sum of the P outputs for half the work.
+    b2 = None if p["b2"] is None else p["b2"] * len(vectors)
+    mc = torch.sigmoid(F.linear(hidden.sum(dim=0), p["w2"], b2))
     return mc, {"mc": mc, "pooled": pooled, "hidden": hidden}
 
 
@@ -488,8 +491,10 @@ def _native_forward(
     copies of its (running mean, running var) in eval). `bn`: the block's BatchNorm
     (BLOCK_BN_NAMES), with x its input; None for the module alone."""
     kernels = native_cbam.kernels()
-    hw = x.shape[2] * x.shape[3]
     batch_stats = bn is not None and bn["training"]
+    if not for_backward and not batch_stats and not p["bn_training"]:
+        return _native_eval(x, identity, bn, p), {}, (None, None)
+    hw = x.shape[2] * x.shape[3]
     means, m2, top, top_at, low, low_at = kernels.hw_stats(x, for_backward, batch_stats)
     alpha = beta = None
     stats: tuple[Any, Any] = (None, None)
@@ -522,6 +527,19 @@ def _native_forward(
     saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None)
     saved["base_mean"] = means if bn is not None else None
     return out, saved, stats
+
+
+def _native_eval(
+    x: torch.Tensor, identity: torch.Tensor | None, bn: dict[str, Any] | None, p: dict[str, Any]
+) -> torch.Tensor:
+    """The eval-mode forward (no batch statistics, nothing kept) as one kernel call: the
+    same math as `_native_forward`, with the per-sample passes reading the map from cache."""
+    block = (None,) * 4 if bn is None else (bn["w"], bn["b"], bn["rm"], bn["rv"])
+    return native_cbam.kernels().forward_eval(
+        x, identity, *block, 0.0 if bn is None else bn["eps"],
+        p["w1"], p["b1"], p["w2"], p["b2"], list(p["pools"]), p["conv_w"], p["padding"],
+        p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_eps"],
+    )  # fmt: skip
 
 
 def _native_backward(
