@@ -17,7 +17,7 @@ from cbam.layers.cbam import set_cbam_impl
 from cbam.models.resnet import Bottleneck
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
-# H x W below, at and above the kernels' switch points (16 lanes; 32 positions), odd tails
+# H x W below, at and above the kernels' 16 lanes, odd tails
 SHAPES = [(3, 5, 2, 3), (2, 37, 4, 4), (2, 19, 9, 9), (3, 21, 13, 11), (2, 64, 28, 28)]
 
 

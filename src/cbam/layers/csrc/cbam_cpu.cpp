@@ -34,7 +34,6 @@ namespace {
 using at::Tensor;
 using Opt = std::optional<Tensor>;
 constexpr int64_t kLanes = 16;
-constexpr int64_t kSmallMap = 32;  // H x W below which NCHW statistics go by channel tiles
 
 template <typename T>
 struct Acc {
@@ -136,11 +135,28 @@ typename Lanes<acc_t>::type splat(acc_t value) {
   return typename Lanes<acc_t>::type{} + value;
 }
 
+// Lane j paired with lane j ^ S.
+template <int S, typename V>
+V swap_lanes(const V& v) {
+  static_assert(kLanes == 16);
+  return __builtin_shufflevector(v, v, 0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S, 4 ^ S, 5 ^ S, 6 ^ S, 7 ^ S,
+                                 8 ^ S, 9 ^ S, 10 ^ S, 11 ^ S, 12 ^ S, 13 ^ S, 14 ^ S, 15 ^ S);
+}
+
+// op over the lanes as a tree of 4 vector steps (a loop over 16 lanes costs 16 dependent
+// scalar steps: at 4 x 4 maps, most of a row's time).
+template <typename V, typename Op>
+auto lane_reduce(V v, Op op) {
+  v = op(v, swap_lanes<8>(v));
+  v = op(v, swap_lanes<4>(v));
+  v = op(v, swap_lanes<2>(v));
+  v = op(v, swap_lanes<1>(v));
+  return v[0];
+}
+
 template <typename acc_t>
 acc_t lane_total(const typename Lanes<acc_t>::type& lanes) {
-  acc_t total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
+  return lane_reduce(lanes, [](auto a, auto b) { return a + b; });
 }
 
 // --------------------------------------------------------------------------- rows
@@ -165,17 +181,14 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
     hi = v > hi ? v : hi;
     lo = v < lo ? v : lo;
   }
-  acc_t total = 0, best_hi = -inf, best_lo = inf;
+  acc_t total = lane_total<acc_t>(sum);
+  acc_t best_hi = lane_reduce(hi, [](auto a, auto b) { return a > b ? a : b; });
+  acc_t best_lo = lane_reduce(lo, [](auto a, auto b) { return a < b ? a : b; });
   for (int64_t i = full; i < hw; ++i) {
     const acc_t v = q[i];
     total += v;
     best_hi = v > best_hi ? v : best_hi;
     best_lo = v < best_lo ? v : best_lo;
-  }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    total += sum[j];
-    best_hi = hi[j] > best_hi ? hi[j] : best_hi;
-    best_lo = lo[j] < best_lo ? lo[j] : best_lo;
   }
   const acc_t m = total / hw;
   *mean = m;
@@ -198,18 +211,14 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
       lo_at = at_lo < lo_at ? at_lo : lo_at;
     }
   }
-  acc_t d2_total = 0;
-  index_t first_hi = none, first_lo = none;
+  const auto lower = [](auto a, auto b) { return a < b ? a : b; };
+  acc_t d2_total = lane_total<acc_t>(d2);
+  index_t first_hi = lane_reduce(hi_at, lower), first_lo = lane_reduce(lo_at, lower);
   for (int64_t i = full; i < hw; ++i) {
     const acc_t v = q[i];
     d2_total += (v - m) * (v - m);
     if (v == best_hi && first_hi == none) first_hi = index_t(i);
     if (v == best_lo && first_lo == none) first_lo = index_t(i);
-  }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    d2_total += d2[j];
-    first_hi = hi_at[j] < first_hi ? hi_at[j] : first_hi;
-    first_lo = lo_at[j] < first_lo ? lo_at[j] : first_lo;
   }
   if constexpr (Var) *m2 = d2_total;
   if constexpr (Index) {
@@ -305,15 +314,12 @@ ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __rest
     sum += u;
     hi = u > hi ? u : hi;
   }
-  acc_t total = 0, best = -inf;
+  acc_t total = lane_total<acc_t>(sum);
+  acc_t best = lane_reduce(hi, [](auto a, auto b) { return a > b ? a : b; });
   for (int64_t k = full; k < c; ++k) {
     const acc_t u = u_at(k);
     total += u;
     best = u > best ? u : best;
-  }
-  for (int64_t j = 0; j < kLanes; ++j) {
-    total += sum[j];
-    best = hi[j] > best ? hi[j] : best;
   }
   const index_t none = std::numeric_limits<int32_t>::max();
   const I v_none = I{} + none;
@@ -324,8 +330,7 @@ ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __rest
     const I hit = u_lanes(k0) == v_best ? at : v_none;
     first = hit < first ? hit : first;
   }
-  index_t found = none;
-  for (int64_t j = 0; j < kLanes; ++j) found = first[j] < found ? first[j] : found;
+  index_t found = lane_reduce(first, [](auto a, auto b) { return a < b ? a : b; });
   for (int64_t k = full; k < c && found == none; ++k) {
     if (u_at(k) == best) found = index_t(k);
   }
@@ -463,30 +468,12 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
                                                         o_low + r, o_low_at + r);
           }
         });
-      } else if (hw >= kSmallMap) {
+      } else {
         at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
           for (int64_t nc = begin; nc < end; ++nc) {
             stats_slice<scalar_t, acc_t, index_, var_>(p + nc * hw, hw, o_mean + nc, o_m2 + nc,
                                                        o_top + nc, o_top_at + nc, o_low + nc,
                                                        o_low_at + nc);
-          }
-        });
-      } else {  // small NCHW maps: slices too short for lanes. Transpose kLanes channels at a
-                // time into channels_last order and reduce them as rows, lanes across channels.
-        const int64_t tiles = (c + kLanes - 1) / kLanes;
-        at::parallel_for(0, n * tiles, 4, [&](int64_t begin, int64_t end) {
-          acc_t tile[kSmallMap * kLanes];
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t b = task / tiles, k0 = (task % tiles) * kLanes;
-            const int64_t width = std::min(kLanes, c - k0);
-            const scalar_t* q = p + (b * c + k0) * hw;
-            for (int64_t j = 0; j < width; ++j) {
-              for (int64_t i = 0; i < hw; ++i) tile[i * width + j] = q[j * hw + i];
-            }
-            const int64_t r = b * c + k0;
-            stats_sample<acc_t, acc_t, index_, var_>(tile, hw, width, o_mean + r, o_m2 + r,
-                                                     o_top + r, o_top_at + r, o_low + r,
-                                                     o_low_at + r);
           }
         });
       }
@@ -498,22 +485,22 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
 }
 
 // Per position, over C, of u = x * mc[n, c]: the max, its channel and the mean, as an
-// N x 2 x H x W map [max, mean] (x's dtype, NCHW) and N x 1 x H x W channel indices.
-std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha_in, const Opt& beta_in,
-                                 const Tensor& mc_in) {
+// N x 2 x H x W map [max, mean] (in the accumulation type, NCHW) and N x 1 x H x W int32
+// channel indices.
+std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_in,
+                                             const Opt& beta_in, const Tensor& mc_in) {
   check_map(x);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
   const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
   const Tensor mc = vec(mc_in, acc_type(x));
-  const auto fopt = x.options().dtype(acc_type(x));
-  Tensor top = at::empty({n, 1, h, w}, fopt), mean = at::empty({n, 1, h, w}, fopt);
+  Tensor pooled = at::empty({n, 2, h, w}, x.options().dtype(acc_type(x)));
   Tensor index = at::empty({n, 1, h, w}, x.options().dtype(at::kInt));
   const bool cl = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_pool", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const scalar_t* p = x.const_data_ptr<scalar_t>();
     const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta), *g = ptr<acc_t>(mc);
-    acc_t *o_top = top.data_ptr<acc_t>(), *o_mean = mean.data_ptr<acc_t>();
+    acc_t* o = pooled.data_ptr<acc_t>();  // sample b: max at o + 2 b hw, mean hw further
     int32_t* idx = index.data_ptr<int32_t>();
     with_flags(alpha.defined(), cl, [&](auto affine, auto cl_) {
       if constexpr (!cl_) {
@@ -522,23 +509,86 @@ std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha_in, const Opt
         at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
           for (int64_t task = begin; task < end; ++task) {
             const int64_t b = task / chunks, i0 = (task % chunks) * kChunk;
-            const int64_t at_ = b * hw + i0;
+            const int64_t at_ = 2 * b * hw + i0;
             pool_positions<scalar_t, acc_t, affine>(p + b * c * hw + i0, c, hw,
                                                     std::min(kChunk, hw - i0), a, bb, g + b * c,
-                                                    o_top + at_, o_mean + at_, idx + at_);
+                                                    o + at_, o + at_ + hw, idx + b * hw + i0);
           }
         });
       } else {
         at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
           for (int64_t pos = begin; pos < end; ++pos) {
+            const int64_t at_ = pos + (pos / hw) * hw;  // 2 b hw + i
             pool_channels<scalar_t, acc_t, affine>(p + pos * c, c, a, bb, g + (pos / hw) * c,
-                                                   o_top + pos, o_mean + pos, idx + pos);
+                                                   o + at_, o + at_ + hw, idx + pos);
           }
         });
       }
     });
   });
-  return {at::cat({top, mean}, 1).to(x.scalar_type()), index.to(at::kLong)};
+  return {pooled, index};
+}
+
+// The channel pools as the ATen path uses them: [max, mean] in x's dtype, int64 indices.
+std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha, const Opt& beta,
+                                 const Tensor& mc) {
+  auto [pooled, index] = pool_over_channels(x, alpha, beta, mc);
+  return {pooled.to(x.scalar_type()), index.to(at::kLong)};
+}
+
+// The spatial gate's k x k conv (2 -> 1 channels, zero padding) of one sample, then
+// scale * s + shift (its BatchNorm in eval mode); rows vectorise along W.
+template <typename acc_t>
+ROW spatial_conv(const acc_t* __restrict__ in, int64_t h, int64_t w,
+                 const acc_t* __restrict__ kernel, int64_t k, int64_t pad, acc_t scale,
+                 acc_t shift, acc_t* __restrict__ out) {
+  for (int64_t y = 0; y < h; ++y) {
+    acc_t* __restrict__ row = out + y * w;
+    for (int64_t x = 0; x < w; ++x) row[x] = 0;
+    for (int64_t ci = 0; ci < 2; ++ci) {
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t iy = y + ky - pad;
+        if (iy < 0 || iy >= h) continue;
+        const acc_t* __restrict__ source = in + (ci * h + iy) * w;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const acc_t weight = kernel[(ci * k + ky) * k + kx];
+          const int64_t dx = kx - pad;
+          const int64_t begin = std::max<int64_t>(0, -dx), end = std::min(w, w - dx);
+          for (int64_t x = begin; x < end; ++x) row[x] += weight * source[x + dx];
+        }
+      }
+    }
+    for (int64_t x = 0; x < w; ++x) row[x] = row[x] * scale + shift;
+  }
+}
+
+// Ms = sigmoid(BN(conv(pooled))) with the BatchNorm(1) in eval mode, N x 1 x H x W in
+// pooled's (accumulation) type. A conv this small costs oneDNN ~100 us of set-up per call.
+Tensor spatial_gate_eval(const Tensor& pooled, const Tensor& conv_w, int64_t padding,
+                         const Opt& bn_w, const Opt& bn_b, const Tensor& bn_rm,
+                         const Tensor& bn_rv, double bn_eps) {
+  const int64_t n = pooled.size(0), h = pooled.size(2), w = pooled.size(3);
+  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 &&
+                  conv_w.size(2) == conv_w.size(3),
+              "the spatial gate's kernel must be 1 x 2 x k x k");
+  const int64_t k = conv_w.size(3);
+  const double invstd = 1.0 / std::sqrt(bn_rv.item<double>() + bn_eps);
+  const double scale = bn_w ? bn_w->item<double>() * invstd : invstd;
+  const double shift = (bn_b ? bn_b->item<double>() : 0.0) - bn_rm.item<double>() * scale;
+  const Tensor kernel = vec(conv_w, pooled.scalar_type());
+  Tensor ms = at::empty({n, 1, h, w}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_gate_eval", [&] {
+    const scalar_t *in = pooled.const_data_ptr<scalar_t>(), *kw = kernel.const_data_ptr<scalar_t>();
+    scalar_t* o = ms.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 1024 / (h * w));  // small maps: one thread
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        spatial_conv<scalar_t>(in + b * 2 * h * w, h, w, kw, k, padding, scalar_t(scale),
+                               scalar_t(shift), o + b * h * w);
+      }
+    });
+  });
+  return ms.sigmoid_();
 }
 
 // y = x * mc[n, c] * ms[n, h, w], or in a block relu(y + identity): a new map laid out as x.
@@ -601,25 +651,36 @@ Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, co
     beta = b.to(acc_type(x));
   }
   const std::vector<Tensor> stats = hw_stats(x, false, false);
-  std::vector<Tensor> pooled;
-  for (const auto& pool : pools) {
-    TORCH_CHECK(pool == "avg" || pool == "max", "the kernels pool by avg or max, not ", pool);
-    if (pool == "avg") {
-      pooled.push_back(alpha ? stats[0] * *alpha + *beta : stats[0]);
-    } else if (alpha) {  // BatchNorm is monotone per channel (see fused_cbam.py)
-      pooled.push_back(at::where(*alpha < 0, stats[4], stats[2]) * *alpha + *beta);
-    } else {
-      pooled.push_back(stats[2]);
+  const int64_t nc = x.size(0) * x.size(1), c = x.size(1);
+  // The pooled vectors (P x N x C) of BatchNorm's output, in a plain loop: as ATen ops on
+  // N x C tensors they cost more in thread start-ups than in arithmetic.
+  Tensor pooled = at::empty({int64_t(pools.size()), x.size(0), c}, stats[0].options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "pooled", [&] {
+    const scalar_t *mean = stats[0].const_data_ptr<scalar_t>();
+    const scalar_t *top = stats[2].const_data_ptr<scalar_t>(), *low = stats[4].const_data_ptr<scalar_t>();
+    const scalar_t *a = alpha ? alpha->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *b = beta ? beta->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = pooled.data_ptr<scalar_t>();
+    for (const auto& pool : pools) {
+      TORCH_CHECK(pool == "avg" || pool == "max", "the kernels pool by avg or max, not ", pool);
+      const bool avg = pool == "avg";
+      for (int64_t i = 0; i < nc; ++i, ++o) {
+        if (!a) {
+          *o = avg ? mean[i] : top[i];
+          continue;
+        }
+        const scalar_t ak = a[i % c];  // BatchNorm is monotone per channel (fused_cbam.py)
+        *o = (avg ? mean[i] : ak < 0 ? low[i] : top[i]) * ak + b[i % c];
+      }
     }
-  }
+  });
   // fused_cbam._channel_gate and _spatial_gate
-  const Tensor hidden = at::relu(at::linear(at::stack(pooled).to(w1.scalar_type()), w1, b1));
+  const Tensor hidden = at::relu(at::linear(pooled.to(w1.scalar_type()), w1, b1));
   const Opt bias2 = b2 ? Opt(*b2 * double(pools.size())) : Opt();
   const Tensor mc = at::sigmoid(at::linear(hidden.sum(0), w2, bias2));
-  const Tensor compressed = channel_pool(x, alpha, beta, mc)[0];
-  const Tensor s = at::conv2d(compressed, conv_w, {}, 1, padding);
-  const Tensor ms = at::sigmoid(at::batch_norm(s, spatial_w, spatial_b, spatial_rm, spatial_rv,
-                                               false, 0.0, spatial_eps, false));
+  const Tensor ms = spatial_gate_eval(pool_over_channels(x, alpha, beta, mc).first, conv_w,
+                                      padding, spatial_w, spatial_b, spatial_rm, spatial_rv,
+                                      spatial_eps);
   return gate(x, alpha, beta, mc, ms, identity);
 }
 
