@@ -97,6 +97,12 @@ def test_quick_run_reports_every_group():
     for row in result.rows:
         assert len(row.times) == config.repeats and all(t > 0 for t in row.times)
         assert row.peak_bytes is not None and row.peak_bytes >= row.state_bytes > 0
+    # The training step frees the old gradients before it allocates new ones: the state
+    # counts weights and SGD momentum (~2x the weights), not the gradients a third time.
+    plain = build_model("plain", "resnet18", in_chans=3, num_classes=config.num_classes)
+    weights = sum(p.numel() * p.element_size() for p in plain.parameters())
+    train_state = result.row("train", "plain").state_bytes
+    assert 2 * weights <= train_state < 2.1 * weights
     assert result.row("train", "plain").ratio.median == 1.0
     assert result.row("module", "timm-cbam", size="64x8x8").ratio.median == 1.0
     report = format_report(result)

@@ -55,8 +55,11 @@ def test_hw_stats(kernels, shape, dtype, memory_format):
     torch.testing.assert_close(low.double(), flat.amin(2))
     # the first position holding the max (min), as torch.argmax finds it for unique values
     first = (flat == flat.amax(2, keepdim=True)).double().argmax(2)
-    torch.testing.assert_close(top_at, first)
-    torch.testing.assert_close(low_at, (flat == flat.amin(2, keepdim=True)).double().argmax(2))
+    assert top_at.dtype == low_at.dtype == torch.int32  # half the bytes kept for the backward
+    torch.testing.assert_close(top_at.long(), first)
+    torch.testing.assert_close(
+        low_at.long(), (flat == flat.amin(2, keepdim=True)).double().argmax(2)
+    )
     full = (mean, m2, top, top_at, low, low_at)
     for with_index, with_variance in [(False, False), (True, False), (False, True)]:
         part = kernels.hw_stats(x, with_index, with_variance)  # what is not asked for: None
@@ -90,7 +93,8 @@ def test_channel_pool_and_gate(kernels, shape, memory_format, with_affine):
     pooled, index = kernels.channel_pool(x, alpha, beta, mc)
     values, _ = u.max(dim=1, keepdim=True)
     torch.testing.assert_close(pooled, torch.cat([values, u.mean(dim=1, keepdim=True)], dim=1))
-    assert torch.equal(u.gather(1, index), values)  # the index points at a maximum
+    assert index.dtype == torch.int32
+    assert torch.equal(u.gather(1, index.long()), values)  # the index points at a maximum
     identity = layout(torch.randn(shape), memory_format) if with_affine else None
     out = kernels.gate(x, alpha, beta, mc, ms, identity)
     expected = (u * ms + identity).relu() if with_affine else u * ms

@@ -319,7 +319,10 @@ def _model_groups(
                 model, optimizer = models[row.variant], optimizers[row.variant]
                 state = [images, labels, *model.parameters(), *model.buffers()]
                 if part == "train":
-                    state += [p.grad for p in model.parameters()] + [optimizer.state_dict()]
+                    # Not the gradients: the step frees them first (set_to_none) and
+                    # allocates new ones, which the profiler sees; it does not see the frees
+                    # of what was allocated before it started, so they would count twice.
+                    state.append(optimizer.state_dict())
                 row.state_bytes = tensor_bytes(state)
                 row.peak_bytes = row.state_bytes + peak_memory_bytes(calls[row.variant], device)
         rows += part_rows
@@ -484,8 +487,9 @@ def format_report(result: BenchResult) -> str:
         f"\n{c.repeats} interleaved rounds after {c.warmup} warm-up calls; median time, IQR as "
         f"± half the interquartile range over the median, ratios are the median of per-round "
         f"ratios. Peak MB: tensor memory live at the peak (profiler allocation events on CPU), "
-        f"model state included; activations MB: the peak above the state live before the call "
-        f"(weights, gradients, optimizer state, batch)."
+        f"model state included; activations MB: the peak above the state live throughout the "
+        f"call (weights, optimizer state, batch; a training step frees the old gradients first, "
+        f"so its new ones count here)."
     )
     lines.append(
         f"\nMachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} "

@@ -402,7 +402,7 @@ def _gates_backward(
     g_pooled, grads["w1"], grads["b1"], grads["w2"], grads["b2"] = _mlp_backward(g_mc, saved, p)
     pools = p["pools"]
     g_avg = g_pooled[pools.index("avg")] / hw if "avg" in pools else None
-    idx_hw = saved["idx_hw"]
+    idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
     g_max_hw = g_pooled[pools.index("max")] if idx_hw is not None else None
     # The grad of x is T * multiplier + g_avg (+ g_max_hw at idx_hw). Without BatchNorm that
     # is the result; with it, the result is k1 * (grad of x) + k2 * base + k3 per channel.
@@ -571,7 +571,7 @@ def _native_backward(
         g_ms.to(ms.dtype), saved, p
     )
     g_max, g_mean = g_compressed[:, :1], g_compressed[:, 1:2] / c
-    idx_c = saved["idx_c"]
+    idx_c = saved["idx_c"].long()  # int32 while kept; ATen's gather and scatter want int64
     # sums over H x W of g_u (u0) and of g_u * base (u1), per (sample, channel)
     u0 = s0 + g_mean.sum(dim=(2, 3)) + _scatter_nc(idx_c, g_max, c)
     u1 = s1 + _sum_over_hw(base, g_mean) + _scatter_nc(idx_c, g_max * base.gather(1, idx_c), c)
@@ -581,7 +581,7 @@ def _native_backward(
     )
     pools = p["pools"]
     g_avg = g_pooled[pools.index("avg")] / hw if "avg" in pools else torch.zeros_like(mc)
-    idx_hw = saved["idx_hw"]
+    idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
     g_max_hw = g_pooled[pools.index("max")] if idx_hw is not None else None
     k1 = k2 = None
     scale, shift = mc, g_avg

@@ -480,8 +480,8 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
     });
   });
   const Tensor none;
-  return {mean, with_variance ? m2 : none, top, with_index ? top_at.to(at::kLong) : none,
-          low, with_index ? low_at.to(at::kLong) : none};
+  return {mean, with_variance ? m2 : none, top, with_index ? top_at : none,
+          low, with_index ? low_at : none};
 }
 
 // Per position, over C, of u = x * mc[n, c]: the max, its channel and the mean, as an
@@ -529,11 +529,12 @@ std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_i
   return {pooled, index};
 }
 
-// The channel pools as the ATen path uses them: [max, mean] in x's dtype, int64 indices.
+// The channel pools as the ATen path uses them ([max, mean] in x's dtype) and the int32
+// indices (int64 only where the backward scatters: half the bytes kept until then).
 std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha, const Opt& beta,
                                  const Tensor& mc) {
   auto [pooled, index] = pool_over_channels(x, alpha, beta, mc);
-  return {pooled.to(x.scalar_type()), index.to(at::kLong)};
+  return {pooled.to(x.scalar_type()), index};
 }
 
 // The spatial gate's k x k conv (2 -> 1 channels, zero padding) of one sample, then
@@ -785,8 +786,8 @@ Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("hw_stats", &hw_stats, "per (n, c): mean, squared deviations, max, argmax, min, argmin");
-  m.def("channel_pool", &channel_pool, "per position: [max, mean] over C of x * mc, argmax");
+  m.def("hw_stats", &hw_stats, "per (n, c): mean, squared deviations, max, argmax, min, argmin (int32)");
+  m.def("channel_pool", &channel_pool, "per position: [max, mean] over C of x * mc, argmax (int32)");
   m.def("gate", &gate, "x * mc * ms, or relu(x * mc * ms + identity)");
   m.def("forward_eval", &forward_eval, "the whole eval-mode forward in one call");
   m.def("backward_reduce", &backward_reduce, "g_y, g_ms, s0, s1");
