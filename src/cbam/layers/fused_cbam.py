@@ -524,8 +524,8 @@ def _native_forward(
     compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc)
     ms = _spatial_gate(compressed, p, for_backward, saved)
     out = kernels.gate(x, alpha, beta, mc, ms, identity)
-    saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None)
-    saved["base_mean"] = means if bn is not None else None
+    saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None, base_mean=means)
+    saved["pooled"] = None  # the backward recomputes it from the means and the argmax values
     return out, saved, stats
 
 
@@ -540,6 +540,21 @@ def _native_eval(
         p["w1"], p["b1"], p["w2"], p["b2"], list(p["pools"]), p["conv_w"], p["padding"],
         p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_eps"],
     )  # fmt: skip
+
+
+def _pooled_again(
+    means: torch.Tensor, at_max: torch.Tensor | None, bn: dict[str, Any] | None, p: dict[str, Any]
+) -> torch.Tensor:
+    """The MLP's P x N x C input as `_native_forward` built it, from the per-(n, c) means and
+    the map's values at the H x W argmax (the same values: the forward's max is one of them)."""
+    alpha = beta = None
+    if bn is not None:
+        alpha, beta = bn["alpha"].to(means.dtype), bn["beta"].to(means.dtype)
+    vectors = []
+    for pool in p["pools"]:
+        v = means if pool == "avg" else at_max.to(means.dtype)  # type: ignore[union-attr]
+        vectors.append(v if alpha is None else v * alpha + beta)
+    return torch.stack(vectors).to(p["w1"].dtype)
 
 
 def _native_backward(
@@ -576,12 +591,14 @@ def _native_backward(
     u0 = s0 + g_mean.sum(dim=(2, 3)) + _scatter_nc(idx_c, g_max, c)
     u1 = s1 + _sum_over_hw(base, g_mean) + _scatter_nc(idx_c, g_max * base.gather(1, idx_c), c)
     g_mc = u1 if alpha is None else u1 * alpha + u0 * beta  # sum over H x W of g_u * x
+    idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
+    at_hw = None if idx_hw is None else base.flatten(2).gather(2, idx_hw.unsqueeze(2)).squeeze(2)
+    saved["pooled"] = _pooled_again(saved["base_mean"], at_hw, block_bn, p)
     g_pooled, grads["w1"], grads["b1"], grads["w2"], grads["b2"] = _mlp_backward(
         g_mc.to(mc.dtype), saved, p
     )
     pools = p["pools"]
     g_avg = g_pooled[pools.index("avg")] / hw if "avg" in pools else torch.zeros_like(mc)
-    idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
     g_max_hw = g_pooled[pools.index("max")] if idx_hw is not None else None
     k1 = k2 = None
     scale, shift = mc, g_avg
@@ -589,7 +606,6 @@ def _native_backward(
         sum_0 = mc * u0 + g_avg * hw
         sum_1 = mc * u1 + g_avg * hw * saved["base_mean"]
         if g_max_hw is not None:
-            at_hw = base.flatten(2).gather(2, idx_hw.unsqueeze(2)).squeeze(2)
             sum_0, sum_1 = sum_0 + g_max_hw, sum_1 + g_max_hw * at_hw
         k1, k2, k3, grads["block_w"], grads["block_b"] = _batch_norm_backward_terms(
             sum_0.sum(0), sum_1.sum(0), n * hw, block_bn
