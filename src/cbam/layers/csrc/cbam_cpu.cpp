@@ -6,13 +6,14 @@
 //
 // In a block the map is the block's conv output `b` and the kernels apply the block's
 // BatchNorm on the fly as x = alpha[c] * b + beta[c]; outside a block alpha and beta are None
-// and x = b. Arithmetic is in float (double for double inputs). The small parts (MLP, k x k
-// conv, sigmoids, BatchNorm statistics) stay in ATen (fused_cbam.py, which also has the math
-// of the backward).
+// and x = b. Arithmetic is in float (double for double inputs). For training, the small
+// parts (MLP, k x k conv, sigmoids, BatchNorm statistics) stay in ATen, called from
+// fused_cbam.py (which also has the math of the backward); in eval mode `forward_eval` runs
+// the whole forward in one call.
 //
 // Reductions along the contiguous axis keep kLanes partial results (sums, or max/min with
-// their indices) in GCC vector types: one accumulator per lane, combined in lane order at the
-// end, ties going to the lowest index. (Written as arrays of lanes, GCC kept them in scalar
+// their indices) in GCC vector types: one accumulator per lane, combined at the end as a
+// tree, ties going to the lowest index. (Written as arrays of lanes, GCC kept them in scalar
 // registers: the statistics pass ran 4x slower than a copy of the map.)
 
 #include <torch/extension.h>
