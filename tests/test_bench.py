@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from cbam.bench.memory import peak_memory_bytes, tensor_bytes
 from cbam.bench.overhead import (
     BenchConfig,
     build_model,
+    config_from_args,
     format_report,
     main,
     run_overhead,
@@ -108,7 +111,36 @@ def test_quick_run_reports_every_group():
     report = format_report(result)
     assert "### resnet18 2x3x32x32: train (eager, nchw)" in report
     assert "| cbam-fused |" in report and "Machine:" in report
+    assert result.machine["keep_freed_memory"] is sys.platform.startswith("linux")
+    assert "malloc keeps freed memory" in report
     json.dumps(result.to_dict())
+
+
+FREE_AND_ALLOCATE_AGAIN = """
+import resource, sys, torch
+from cbam.bench.overhead import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for i in range(6):
+    if i == 1:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a, b = torch.ones(5 << 20), torch.ones(5 << 20)  # 20 MB each, written
+    del b, a  # a 40 MB free block at the heap's top: glibc hands it back by default
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keeping_freed_memory_stops_the_page_faults_of_allocating_again():
+    faults = {}
+    for arm in ("default", "keep"):
+        run = subprocess.run(
+            [sys.executable, "-c", FREE_AND_ALLOCATE_AGAIN, arm], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        faults[arm] = int(run.stdout)
+    # Ten 20 MB allocations are 51,200 pages: kept, at most the heap's growth once.
+    assert faults["keep"] <= 6000 and faults["default"] >= 2 * faults["keep"], faults
 
 
 def test_command_line_quick_run(capsys, tmp_path):
@@ -137,6 +169,9 @@ def test_bench_subcommand_registers_its_options():
     assert args.run is bench_command.cmd_bench
     assert (args.repeats, args.modes, args.memory_formats) == (30, ["eager", "compiled"],
                                                                ["channels_last"])  # fmt: skip
+    assert config_from_args(args).keep_freed_memory
+    args = parser.parse_args(["bench", "--return-freed-memory"])
+    assert not config_from_args(args).keep_freed_memory
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--modes", "jit"])
 

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.test_fused_cbam import compare_fp32, randomise
 
 from cbam import CBAM
@@ -90,16 +91,20 @@ def test_channel_pool_and_gate(kernels, shape, memory_format, with_affine):
     mc, ms = torch.rand(n, c), torch.rand(n, 1, h, w)
     feature = x * alpha[:, None, None] + beta[:, None, None] if with_affine else x
     u = feature * mc[:, :, None, None]
-    pooled, index = kernels.channel_pool(x, alpha, beta, mc)
+    pooled, index = kernels.channel_pool(x, alpha, beta, mc, True)
     values, _ = u.max(dim=1, keepdim=True)
     torch.testing.assert_close(pooled, torch.cat([values, u.mean(dim=1, keepdim=True)], dim=1))
     assert index.dtype == torch.int32
     assert torch.equal(u.gather(1, index.long()), values)  # the index points at a maximum
+    pooled_only, no_index = kernels.channel_pool(x, alpha, beta, mc, False)  # eval: no argmax
+    assert torch.equal(pooled_only, pooled) and no_index.numel() == 0
     identity = layout(torch.randn(shape), memory_format) if with_affine else None
-    out = kernels.gate(x, alpha, beta, mc, ms, identity)
+    out = kernels.gate(x, alpha, beta, mc, ms, identity, False)
     expected = (u * ms + identity).relu() if with_affine else u * ms
     torch.testing.assert_close(out, expected)
     assert out.is_contiguous(memory_format=memory_format)
+    written_over = kernels.gate(x, alpha, beta, mc, ms, identity, True)  # x is the output
+    assert written_over.data_ptr() == x.data_ptr() and torch.equal(x, out)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
@@ -130,6 +135,27 @@ def test_backward_passes(kernels, shape, memory_format, with_affine):
     assert grad.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize("kernel_size", [3, 7])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 3), (3, 5, 9), (2, 28, 28)], ids=str)
+def test_the_spatial_conv_and_its_backward_equal_atens(kernels, shape, kernel_size):
+    n, h, w = shape
+    pad = kernel_size // 2
+    x = torch.randn(n, 2, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 2, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, weight, padding=pad)
+    g_s = torch.randn_like(expected)
+    g_x, g_weight = torch.autograd.grad(expected, (x, weight), g_s)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.spatial_conv(x, weight, pad), expected)
+        got_x, got_weight = kernels.spatial_conv_backward(g_s, x, weight, pad)
+    torch.testing.assert_close(got_x, g_x)
+    torch.testing.assert_close(got_weight, g_weight)
+    # float32 input and weight: results in their dtypes
+    out = kernels.spatial_conv(x.detach().float(), weight.detach().float(), pad)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     calls = []
 
@@ -140,7 +166,8 @@ def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     monkeypatch.setattr(native_cbam, "_module", Counting())
     x = torch.randn(2, 32, 6, 6, requires_grad=True)
     Bottleneck(32, 8, attention=CBAM)(x).sum().backward()
-    assert calls == ["hw_stats", "channel_pool", "gate", "backward_reduce", "grad_input"]
+    assert calls == ["hw_stats", "channel_pool", "spatial_conv", "gate", "backward_reduce",
+                     "spatial_conv_backward", "grad_input"]  # fmt: skip
     calls.clear()
     with torch.no_grad():
         CBAM(32).eval()(x)
@@ -149,7 +176,7 @@ def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     calls.clear()
     with torch.no_grad():  # batch statistics: the passes one by one
         Bottleneck(32, 8, attention=CBAM).train()(x)
-    assert calls == ["hw_stats", "channel_pool", "gate"]
+    assert calls == ["hw_stats", "channel_pool", "spatial_conv", "gate"]
 
 
 EVAL_VARIANTS = [{}, {"pool_types": ("max",)}, {"pool_types": ("max", "avg")},
@@ -182,6 +209,28 @@ def test_the_eval_forward_in_one_call_equals_the_reference(
             error = (out.double() - expected).abs().max() / expected.abs().max()
             assert error <= tol, f"{dtype}: scaled error {error:.3g}"
     torch.testing.assert_close(aten, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_blocks_write_over_their_conv_output_unless_a_hook_saw_it(kernels):
+    torch.manual_seed(0)
+    block = randomise(Bottleneck(32, 8, attention=CBAM)).eval()
+    reference = copy.deepcopy(block)
+    set_cbam_impl(reference, "reference")
+    x = torch.randn(2, 32, 6, 6)
+    made = []  # the conv's outputs, recorded without a hook
+    conv_forward = block.conv3.forward
+    block.conv3.forward = lambda t: made.append(conv_forward(t)) or made[-1]
+    with torch.no_grad():
+        expected = reference(x)
+        out = block(x)  # no hook: the conv's output is scratch, and it holds the result
+        assert out.data_ptr() == made[-1].data_ptr()
+        torch.testing.assert_close(out, expected)
+        kept = []
+        block.conv3.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+        out = block(x)
+    saved, copy_at_the_time = kept[0]
+    assert out.data_ptr() != saved.data_ptr() and torch.equal(saved, copy_at_the_time)
+    torch.testing.assert_close(out, expected)
 
 
 def test_a_failed_build_warns_once_and_the_aten_path_runs(monkeypatch):

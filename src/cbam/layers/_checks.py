@@ -46,11 +46,12 @@ def has_hooks(*modules: nn.Module) -> bool:
     if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
         return True
     stack = list(modules)
-    while stack:
-        m = stack.pop()
+    for m in stack:  # the list grows with the children as it goes
+        if m is None:  # an empty slot in a parent's _modules
+            continue
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
             return True
         if m._backward_pre_hooks:
             return True
-        stack.extend(child for child in m._modules.values() if child is not None)
+        stack += m._modules.values()
     return False

@@ -118,8 +118,7 @@ class CBAM(nn.Module):
             return False
         if device != "cpu" and torch.are_deterministic_algorithms_enabled():
             return False  # the fused backward scatters with atomics off the CPU
-        children = list(self.children())
-        return not has_hooks(*([self, *children] if hooks_on_self else children))
+        return not has_hooks(*([self] if hooks_on_self else self._modules.values()))
 
     @torch.jit.unused
     def _fused_params(self) -> list[Any]:
@@ -149,17 +148,20 @@ class CBAM(nn.Module):
         bn: nn.Module,
         identity: torch.Tensor,
         *others: nn.Module,
+        pre_bn_scratch: bool = False,
     ) -> torch.Tensor | None:
         """relu(self(bn(pre_bn)) + identity), a residual block's tail, fused; None when the
         fused path does not apply (then run the separate modules). `others` are further
-        modules the caller would have run (e.g. its ReLU), checked for hooks."""
+        modules the caller would have run (e.g. its ReLU), checked for hooks.
+        `pre_bn_scratch`: nothing else holds pre_bn; without autograd the output may then
+        overwrite it (`fused_cbam_residual`)."""
         if type(bn) is not nn.BatchNorm2d or has_hooks(bn, *others):
             return None
         if identity.shape != pre_bn.shape or identity.dtype != pre_bn.dtype:
             return None
         if not self._use_fused(pre_bn, hooks_on_self=True):
             return None
-        return fused_cbam_residual(pre_bn, bn, identity, self._fused_params())
+        return fused_cbam_residual(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

@@ -177,11 +177,19 @@ def _channel_gate(vectors: list[torch.Tensor], p: dict[str, Any]) -> tuple[torch
 
 
 def _spatial_gate(
-    compressed: torch.Tensor, p: dict[str, Any], for_backward: bool, saved: Saved
+    compressed: torch.Tensor,
+    p: dict[str, Any],
+    for_backward: bool,
+    saved: Saved,
+    native: bool = False,
 ) -> torch.Tensor:
     """Ms = sigmoid(BN(conv(compressed))), N x 1 x H x W; what its backward needs goes into
-    `saved` (in eval mode a copy of the BN statistics used)."""
-    s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
+    `saved` (in eval mode a copy of the BN statistics used). `native`: the conv by the CPU
+    kernels."""
+    if native:
+        s = native_cbam.kernels().spatial_conv(compressed, p["conv_w"], p["padding"])
+    else:
+        s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
     bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
     ms = torch.sigmoid(F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"]))
     saved.update(ms=ms, compressed=compressed, s=s)
@@ -249,9 +257,11 @@ def _finish(
 # --------------------------------------------------------------------------- backward
 
 
-def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tuple[Any, ...]:
+def _spatial_backward(
+    g_ms: torch.Tensor, saved: Saved, p: dict[str, Any], native: bool = False
+) -> tuple[Any, ...]:
     """Through sigmoid, BatchNorm2d(1) and the k x k conv: the grads of (compressed map, conv
-    weight, BN weight, BN bias)."""
+    weight, BN weight, BN bias). `native`: the conv's backward by the CPU kernels."""
     ms, s = saved["ms"], saved["s"]
     g_normed = torch.ops.aten.sigmoid_backward(g_ms, ms)
     eps = p["bn_eps"]
@@ -264,10 +274,15 @@ def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tu
         g_normed, s, p["bn_w"], *stats, p["bn_training"], eps,
         [True, p["bn_w"] is not None, p["bn_b"] is not None],
     )  # fmt: skip
+    padding, weight, compressed = p["padding"], p["conv_w"], saved["compressed"]
+    if native:
+        g_compressed, g_conv = native_cbam.kernels().spatial_conv_backward(
+            g_s, compressed, weight, padding
+        )
+        return g_compressed, g_conv, g_bn_w, g_bn_b
     # The k x k conv's backward as two small forward convs (stride 1, "same" padding): the
     # input's grad with the flipped kernel, the weight's with the batch as channels. oneDNN's
     # own backward for a 2 -> 1 channel conv is several times slower on CPU.
-    padding, weight, compressed = p["padding"], p["conv_w"], saved["compressed"]
     g_compressed = F.conv2d(g_s, weight.flip(2, 3).transpose(0, 1), padding=padding)
     g_conv = F.conv2d(compressed.transpose(0, 1), g_s.transpose(0, 1), padding=padding)
     return g_compressed, g_conv.transpose(0, 1), g_bn_w, g_bn_b
@@ -486,14 +501,16 @@ def _native_forward(
     bn: dict[str, Any] | None,
     p: dict[str, Any],
     for_backward: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, Saved, tuple[Any, Any]]:
     """(output, what the backward needs, the block BatchNorm's (mean, invstd) in training or
     copies of its (running mean, running var) in eval). `bn`: the block's BatchNorm
-    (BLOCK_BN_NAMES), with x its input; None for the module alone."""
+    (BLOCK_BN_NAMES), with x its input; None for the module alone. `in_place` (without a
+    backward): the output overwrites x, which the caller no longer needs."""
     kernels = native_cbam.kernels()
     batch_stats = bn is not None and bn["training"]
     if not for_backward and not batch_stats and not p["bn_training"]:
-        return _native_eval(x, identity, bn, p), {}, (None, None)
+        return _native_eval(x, identity, bn, p, in_place), {}, (None, None)
     hw = x.shape[2] * x.shape[3]
     means, m2, top, top_at, low, low_at = kernels.hw_stats(x, for_backward, batch_stats)
     alpha = beta = None
@@ -521,16 +538,20 @@ def _native_forward(
     mc, saved = _channel_gate(
         [(avg if pool == "avg" else top_hw).to(dtype) for pool in p["pools"]], p
     )
-    compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc)
-    ms = _spatial_gate(compressed, p, for_backward, saved)
-    out = kernels.gate(x, alpha, beta, mc, ms, identity)
+    compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc, for_backward)
+    ms = _spatial_gate(compressed, p, for_backward, saved, native=True)
+    out = kernels.gate(x, alpha, beta, mc, ms, identity, in_place)
     saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None, base_mean=means)
     saved["pooled"] = None  # the backward recomputes it from the means and the argmax values
     return out, saved, stats
 
 
 def _native_eval(
-    x: torch.Tensor, identity: torch.Tensor | None, bn: dict[str, Any] | None, p: dict[str, Any]
+    x: torch.Tensor,
+    identity: torch.Tensor | None,
+    bn: dict[str, Any] | None,
+    p: dict[str, Any],
+    in_place: bool,
 ) -> torch.Tensor:
     """The eval-mode forward (no batch statistics, nothing kept) as one kernel call: the
     same math as `_native_forward`, without its ~30 trips through Python."""
@@ -538,7 +559,7 @@ def _native_eval(
     return native_cbam.kernels().forward_eval(
         x, identity, *block, 0.0 if bn is None else bn["eps"],
         p["w1"], p["b1"], p["w2"], p["b2"], list(p["pools"]), p["conv_w"], p["padding"],
-        p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_eps"],
+        p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_eps"], in_place,
     )  # fmt: skip
 
 
@@ -583,7 +604,7 @@ def _native_backward(
     g_y, g_ms, s0, s1 = kernels.backward_reduce(g_out, out, base, alpha, beta, mc, ms)
     grads: dict[str, Any] = {}
     g_compressed, grads["conv_w"], grads["bn_w"], grads["bn_b"] = _spatial_backward(
-        g_ms.to(ms.dtype), saved, p
+        g_ms.to(ms.dtype), saved, p, native=True
     )
     g_max, g_mean = g_compressed[:, :1], g_compressed[:, 1:2] / c
     idx_c = saved["idx_c"].long()  # int32 while kept; ATen's gather and scatter want int64
@@ -762,9 +783,15 @@ def fused_cbam_residual(
     bn: torch.nn.modules.batchnorm._BatchNorm,
     identity: torch.Tensor,
     params: Sequence[Any],
+    pre_bn_scratch: bool = False,
 ) -> torch.Tensor:
     """relu(CBAM(bn(pre_bn)) + identity), a residual block's tail, through the fused function;
-    `bn`'s running statistics are updated exactly as its own forward would."""
+    `bn`'s running statistics are updated exactly as its own forward would.
+
+    `pre_bn_scratch`: nothing else holds pre_bn (the caller's conv made it and no hook saw
+    it), so without autograd the CPU kernels may write the output over it. That saves a
+    map-sized allocation per block; a fresh allocation costs page faults and cache misses, and
+    made CBAM-ResNet-50 inference ~3% slower."""
     if bn.training:  # the error nn.BatchNorm2d raises for one value per channel
         F._verify_batch_size(pre_bn.size())
     use_batch, factor, rm, rv = batch_norm_settings(bn)
@@ -773,7 +800,7 @@ def fused_cbam_residual(
         p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
         if _native_applies(pre_bn, p):
             block_bn = dict(zip(BLOCK_BN_NAMES, bn_args, strict=True))
-            return _native_forward(pre_bn, identity, block_bn, p, for_backward=False)[0]
+            return _native_forward(pre_bn, identity, block_bn, p, False, pre_bn_scratch)[0]
         x = F.batch_norm(pre_bn, rm, rv, bn.weight, bn.bias, use_batch, factor, bn.eps)
         u, ms, saved = _gates(x, p, for_backward=False, in_place=True)
         return _finish(u, ms, identity, saved, in_place=True)

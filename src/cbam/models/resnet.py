@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam._errors import check_positive_int, unknown_choice
+from cbam.layers._checks import has_hooks
 from cbam.layers.create_attention import AttentionSpec
 from cbam.models._common import (
     AttentionBuilder,
@@ -51,15 +52,20 @@ class ZeroPadShortcut(nn.Module):
 
 
 def _attention_tail(
-    block: BasicBlock | Bottleneck, pre_bn: torch.Tensor, bn: nn.Module, identity: torch.Tensor
+    block: BasicBlock | Bottleneck,
+    conv: nn.Module,
+    x: torch.Tensor,
+    bn: nn.Module,
+    identity: torch.Tensor,
 ) -> torch.Tensor:
-    """relu(attention(bn(pre_bn)) + identity): the block's last BN, its attention and the
-    residual add. A CBAM computes all of it in one fused function (BatchNorm's output is
-    recomputed in the backward rather than kept, and the gates fold into the add) unless it
-    runs its reference implementation or something hooks these modules."""
+    """relu(attention(bn(conv(x))) + identity): the block's last conv and BN, its attention
+    and the residual add. A CBAM computes all but the conv in one fused function (BatchNorm's
+    output is recomputed in the backward rather than kept, and the gates fold into the add)
+    unless it runs its reference implementation or something hooks these modules."""
+    pre_bn = conv(x)
     fused = getattr(block.attention, "fused_residual", None)
-    if fused is not None:
-        out = fused(pre_bn, bn, identity, block.relu)
+    if fused is not None:  # the conv's output is the tail's scratch unless a hook saw it
+        out = fused(pre_bn, bn, identity, block.relu, pre_bn_scratch=not has_hooks(conv))
         if out is not None:
             return out
     return block.relu(block.attention(bn(pre_bn)) + identity)
@@ -92,7 +98,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return _attention_tail(self, self.conv2(out), self.bn2, identity)
+        return _attention_tail(self, self.conv2, out, self.bn2, identity)
 
 
 class Bottleneck(nn.Module):
@@ -128,7 +134,7 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return _attention_tail(self, self.conv3(out), self.bn3, identity)
+        return _attention_tail(self, self.conv3, out, self.bn3, identity)
 
 
 class ResNet(ClassifierMixin, nn.Module):

@@ -7,9 +7,9 @@
 // In a block the map is the block's conv output `b` and the kernels apply the block's
 // BatchNorm on the fly as x = alpha[c] * b + beta[c]; outside a block alpha and beta are None
 // and x = b. Arithmetic is in float (double for double inputs). For training, the small
-// parts (MLP, k x k conv, sigmoids, BatchNorm statistics) stay in ATen, called from
-// fused_cbam.py (which also has the math of the backward); in eval mode `forward_eval` runs
-// the whole forward in one call.
+// parts (MLP, sigmoids, BatchNorm statistics) stay in ATen, called from fused_cbam.py (which
+// also has the math of the backward), except the spatial gate's k x k conv and its backward,
+// which are direct loops here; in eval mode `forward_eval` runs the whole forward in one call.
 //
 // Reductions along the contiguous axis keep kLanes partial results (sums, or max/min with
 // their indices) in GCC vector types: one accumulator per lane, combined at the end as a
@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -81,16 +82,18 @@ const T* ptr(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Calls f(std::integral_constant<bool, a>{}, std::integral_constant<bool, b>{}): flags that
-// select a kernel's variant at compile time, so that its inner loops carry no branches.
+// with_flags(f, a, b, ...) calls f(std::integral_constant<bool, a>{}, ...): flags that select
+// a kernel's variant at compile time, so that its inner loops carry no branches.
 template <typename F>
-void with_flags(bool a, bool b, F&& f) {
-  using T = std::true_type;
-  using N = std::false_type;
-  if (a) {
-    b ? f(T{}, T{}) : f(T{}, N{});
+void with_flags(F&& f) {
+  f();
+}
+template <typename F, typename... Bools>
+void with_flags(F&& f, bool first, Bools... rest) {
+  if (first) {
+    with_flags([&](auto... flags) { f(std::true_type{}, flags...); }, rest...);
   } else {
-    b ? f(N{}, T{}) : f(N{}, N{});
+    with_flags([&](auto... flags) { f(std::false_type{}, flags...); }, rest...);
   }
 }
 
@@ -266,14 +269,16 @@ ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* _
 }
 
 // Channel pool, NCHW: `len` positions of one sample, running values per position (the sums
-// become means at the end).
-template <typename scalar_t, typename acc_t, bool Affine>
+// become means at the end); the argmax only with `Index` (for a backward).
+template <typename scalar_t, typename acc_t, bool Affine, bool Index>
 ROW pool_positions(const scalar_t* __restrict__ p, int64_t c, int64_t hw, int64_t len,
                    const acc_t* __restrict__ a, const acc_t* __restrict__ bb,
                    const acc_t* __restrict__ g, acc_t* __restrict__ hi, acc_t* __restrict__ sum,
                    int32_t* __restrict__ hi_at) {
   for (int64_t i = 0; i < len; ++i) {
-    hi[i] = -std::numeric_limits<acc_t>::infinity(); sum[i] = 0; hi_at[i] = 0;
+    hi[i] = -std::numeric_limits<acc_t>::infinity();
+    sum[i] = 0;
+    if constexpr (Index) hi_at[i] = 0;
   }
   for (int64_t k = 0; k < c; ++k) {
     const scalar_t* __restrict__ r = p + k * hw;
@@ -284,15 +289,15 @@ ROW pool_positions(const scalar_t* __restrict__ p, int64_t c, int64_t hw, int64_
       sum[i] += u;
       const bool higher = u > hi[i];
       hi[i] = higher ? u : hi[i];
-      hi_at[i] = higher ? kk : hi_at[i];
+      if constexpr (Index) hi_at[i] = higher ? kk : hi_at[i];
     }
   }
   for (int64_t i = 0; i < len; ++i) sum[i] /= c;
 }
 
-// Channel pool, channels_last: one position, lanes along C; the argmax in a second loop
-// that recomputes u (bit for bit: the build disables floating-point contraction).
-template <typename scalar_t, typename acc_t, bool Affine>
+// Channel pool, channels_last: one position, lanes along C; the argmax (with `Index`) in a
+// second loop that recomputes u (bit for bit: the build disables floating-point contraction).
+template <typename scalar_t, typename acc_t, bool Affine, bool Index>
 ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __restrict__ a,
                   const acc_t* __restrict__ bb, const acc_t* __restrict__ g,
                   acc_t* __restrict__ top, acc_t* __restrict__ mean, int32_t* __restrict__ top_at) {
@@ -322,6 +327,9 @@ ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __rest
     total += u;
     best = u > best ? u : best;
   }
+  *top = best;
+  *mean = total / c;
+  if constexpr (!Index) return;
   const index_t none = std::numeric_limits<int32_t>::max();
   const I v_none = I{} + none;
   const V v_best = splat<acc_t>(best);
@@ -335,8 +343,6 @@ ROW pool_channels(const scalar_t* __restrict__ r, int64_t c, const acc_t* __rest
   for (int64_t k = full; k < c && found == none; ++k) {
     if (u_at(k) == best) found = index_t(k);
   }
-  *top = best;
-  *mean = total / c;
   *top_at = found == none ? 0 : int32_t(found);  // none only if every u is NaN
 }
 
@@ -459,7 +465,7 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
     acc_t *o_mean = mean.data_ptr<acc_t>(), *o_m2 = m2.data_ptr<acc_t>();
     acc_t *o_top = top.data_ptr<acc_t>(), *o_low = low.data_ptr<acc_t>();
     int32_t *o_top_at = top_at.data_ptr<int32_t>(), *o_low_at = low_at.data_ptr<int32_t>();
-    with_flags(with_index, with_variance, [&](auto index_, auto var_) {
+    with_flags([&](auto index_, auto var_) {
       if (cl) {
         at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
           for (int64_t b = begin; b < end; ++b) {
@@ -478,24 +484,25 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
           }
         });
       }
-    });
+    }, with_index, with_variance);
   });
   const Tensor none;
   return {mean, with_variance ? m2 : none, top, with_index ? top_at : none,
           low, with_index ? low_at : none};
 }
 
-// Per position, over C, of u = x * mc[n, c]: the max, its channel and the mean, as an
-// N x 2 x H x W map [max, mean] (in the accumulation type, NCHW) and N x 1 x H x W int32
-// channel indices.
+// Per position, over C, of u = x * mc[n, c]: the max and the mean, as an N x 2 x H x W map
+// [max, mean] (in the accumulation type, NCHW), and with `with_index` the max's channel as
+// N x 1 x H x W int32 (else an empty tensor).
 std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_in,
-                                             const Opt& beta_in, const Tensor& mc_in) {
+                                             const Opt& beta_in, const Tensor& mc_in,
+                                             bool with_index) {
   check_map(x);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
   const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
   const Tensor mc = vec(mc_in, acc_type(x));
   Tensor pooled = at::empty({n, 2, h, w}, x.options().dtype(acc_type(x)));
-  Tensor index = at::empty({n, 1, h, w}, x.options().dtype(at::kInt));
+  Tensor index = at::empty({with_index ? n : 0, 1, h, w}, x.options().dtype(at::kInt));
   const bool cl = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "channel_pool", [&] {
     using acc_t = typename Acc<scalar_t>::type;
@@ -503,7 +510,7 @@ std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_i
     const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta), *g = ptr<acc_t>(mc);
     acc_t* o = pooled.data_ptr<acc_t>();  // sample b: max at o + 2 b hw, mean hw further
     int32_t* idx = index.data_ptr<int32_t>();
-    with_flags(alpha.defined(), cl, [&](auto affine, auto cl_) {
+    with_flags([&](auto affine, auto cl_, auto index_) {
       if constexpr (!cl_) {
         constexpr int64_t kChunk = 256;  // positions per task: the running values stay in L1
         const int64_t chunks = (hw + kChunk - 1) / kChunk;
@@ -511,21 +518,22 @@ std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_i
           for (int64_t task = begin; task < end; ++task) {
             const int64_t b = task / chunks, i0 = (task % chunks) * kChunk;
             const int64_t at_ = 2 * b * hw + i0;
-            pool_positions<scalar_t, acc_t, affine>(p + b * c * hw + i0, c, hw,
-                                                    std::min(kChunk, hw - i0), a, bb, g + b * c,
-                                                    o + at_, o + at_ + hw, idx + b * hw + i0);
+            pool_positions<scalar_t, acc_t, affine, index_>(
+                p + b * c * hw + i0, c, hw, std::min(kChunk, hw - i0), a, bb, g + b * c, o + at_,
+                o + at_ + hw, index_ ? idx + b * hw + i0 : nullptr);
           }
         });
       } else {
         at::parallel_for(0, n * hw, 16, [&](int64_t begin, int64_t end) {
           for (int64_t pos = begin; pos < end; ++pos) {
             const int64_t at_ = pos + (pos / hw) * hw;  // 2 b hw + i
-            pool_channels<scalar_t, acc_t, affine>(p + pos * c, c, a, bb, g + (pos / hw) * c,
-                                                   o + at_, o + at_ + hw, idx + pos);
+            pool_channels<scalar_t, acc_t, affine, index_>(p + pos * c, c, a, bb,
+                                                           g + (pos / hw) * c, o + at_,
+                                                           o + at_ + hw, index_ ? idx + pos : nullptr);
           }
         });
       }
-    });
+    }, alpha.defined(), cl, with_index);
   });
   return {pooled, index};
 }
@@ -533,21 +541,27 @@ std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_i
 // The channel pools as the ATen path uses them ([max, mean] in x's dtype) and the int32
 // indices (int64 only where the backward scatters: half the bytes kept until then).
 std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha, const Opt& beta,
-                                 const Tensor& mc) {
-  auto [pooled, index] = pool_over_channels(x, alpha, beta, mc);
+                                 const Tensor& mc, bool with_index) {
+  auto [pooled, index] = pool_over_channels(x, alpha, beta, mc, with_index);
   return {pooled.to(x.scalar_type()), index};
 }
 
-// The spatial gate's k x k conv (2 -> 1 channels, zero padding) of one sample, then
-// scale * s + shift (its BatchNorm in eval mode); rows vectorise along W.
+// --------------------------------------------------------------------------- spatial conv
+// The spatial gate's k x k conv (2 -> 1 channels, stride 1, zero padding) and its backward,
+// direct: a conv this small costs oneDNN ~100-200 us of set-up per call, three calls per
+// block and training step, far more than its arithmetic.
+
+// One output map from `cin` input maps of one sample: out[y, x] = (sum over ci, ky, kx of
+// kernel[ci, ky, kx] * in[ci, y + ky - pad, x + kx - pad]) * scale + shift; rows vectorise
+// along W.
 template <typename acc_t>
-ROW spatial_conv(const acc_t* __restrict__ in, int64_t h, int64_t w,
+ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, int64_t h, int64_t w,
                  const acc_t* __restrict__ kernel, int64_t k, int64_t pad, acc_t scale,
                  acc_t shift, acc_t* __restrict__ out) {
   for (int64_t y = 0; y < h; ++y) {
     acc_t* __restrict__ row = out + y * w;
     for (int64_t x = 0; x < w; ++x) row[x] = 0;
-    for (int64_t ci = 0; ci < 2; ++ci) {
+    for (int64_t ci = 0; ci < cin; ++ci) {
       for (int64_t ky = 0; ky < k; ++ky) {
         const int64_t iy = y + ky - pad;
         if (iy < 0 || iy >= h) continue;
@@ -564,44 +578,124 @@ ROW spatial_conv(const acc_t* __restrict__ in, int64_t h, int64_t w,
   }
 }
 
-// Ms = sigmoid(BN(conv(pooled))) with the BatchNorm(1) in eval mode, N x 1 x H x W in
-// pooled's (accumulation) type. A conv this small costs oneDNN ~100 us of set-up per call.
-Tensor spatial_gate_eval(const Tensor& pooled, const Tensor& conv_w, int64_t padding,
-                         const Opt& bn_w, const Opt& bn_b, const Tensor& bn_rm,
-                         const Tensor& bn_rv, double bn_eps) {
-  const int64_t n = pooled.size(0), h = pooled.size(2), w = pooled.size(3);
-  TORCH_CHECK(conv_w.dim() == 4 && conv_w.size(0) == 1 && conv_w.size(1) == 2 &&
-                  conv_w.size(2) == conv_w.size(3),
+// The weight's grad for one input map and one kernel row ky, as k partial rows of W sums:
+// sums[kx, x] += g[y, x] * in[y + ky - pad, x + kx - pad] over every y (summed over x later:
+// elementwise, it vectorises).
+template <typename acc_t>
+ROW weight_grad_rows(const acc_t* __restrict__ g, const acc_t* __restrict__ in, int64_t h,
+                     int64_t w, int64_t k, int64_t ky, int64_t pad, acc_t* __restrict__ sums) {
+  for (int64_t y = 0; y < h; ++y) {
+    const int64_t iy = y + ky - pad;
+    if (iy < 0 || iy >= h) continue;
+    const acc_t *__restrict__ g_row = g + y * w, *__restrict__ source = in + iy * w;
+    for (int64_t kx = 0; kx < k; ++kx) {
+      const int64_t dx = kx - pad;
+      const int64_t begin = std::max<int64_t>(0, -dx), end = std::min(w, w - dx);
+      acc_t* __restrict__ row = sums + kx * w;
+      for (int64_t x = begin; x < end; ++x) row[x] += g_row[x] * source[x + dx];
+    }
+  }
+}
+
+void check_spatial_conv(const Tensor& input, const Tensor& weight) {
+  TORCH_CHECK(input.dim() == 4 && input.size(1) == 2, "the spatial conv's input must be N x 2 x H x W");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
+                  weight.size(2) == weight.size(3),
               "the spatial gate's kernel must be 1 x 2 x k x k");
-  const int64_t k = conv_w.size(3);
-  const double invstd = 1.0 / std::sqrt(bn_rv.item<double>() + bn_eps);
-  const double scale = bn_w ? bn_w->item<double>() * invstd : invstd;
-  const double shift = (bn_b ? bn_b->item<double>() : 0.0) - bn_rm.item<double>() * scale;
-  const Tensor kernel = vec(conv_w, pooled.scalar_type());
-  Tensor ms = at::empty({n, 1, h, w}, pooled.options());
-  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_gate_eval", [&] {
-    const scalar_t *in = pooled.const_data_ptr<scalar_t>(), *kw = kernel.const_data_ptr<scalar_t>();
-    scalar_t* o = ms.data_ptr<scalar_t>();
+}
+
+// N x 1 x H x W: conv(input) * scale + shift, in input's dtype (arithmetic in float or double).
+Tensor conv_maps(const Tensor& input, const Tensor& weight, int64_t padding, double scale,
+                 double shift) {
+  check_spatial_conv(input, weight);
+  const int64_t n = input.size(0), h = input.size(2), w = input.size(3), k = weight.size(3);
+  const at::ScalarType acc = acc_type(input);
+  const Tensor in = vec(input, acc), kernel = vec(weight, acc);
+  Tensor out = at::empty({n, 1, h, w}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_conv", [&] {
+    const scalar_t *p = in.const_data_ptr<scalar_t>(), *kw = kernel.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 1024 / (h * w));  // small maps: one thread
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        spatial_conv<scalar_t>(in + b * 2 * h * w, h, w, kw, k, padding, scalar_t(scale),
+        conv_one_map<scalar_t>(p + b * 2 * h * w, 2, h, w, kw, k, padding, scalar_t(scale),
                                scalar_t(shift), o + b * h * w);
       }
     });
   });
-  return ms.sigmoid_();
+  return out.to(input.scalar_type());
 }
 
-// y = x * mc[n, c] * ms[n, h, w], or in a block relu(y + identity): a new map laid out as x.
+Tensor spatial_conv(const Tensor& input, const Tensor& weight, int64_t padding) {
+  return conv_maps(input, weight, padding, 1.0, 0.0);
+}
+
+// The grads of the spatial conv's input (N x 2 x H x W, input's dtype) and weight (1 x 2 x k x
+// k, weight's dtype) from the grad of its output g_s (N x 1 x H x W).
+std::vector<Tensor> spatial_conv_backward(const Tensor& g_s_in, const Tensor& input,
+                                          const Tensor& weight, int64_t padding) {
+  check_spatial_conv(input, weight);
+  const int64_t n = input.size(0), h = input.size(2), w = input.size(3), k = weight.size(3);
+  const at::ScalarType acc = acc_type(input);
+  const Tensor g_s = vec(g_s_in, acc), in = vec(input, acc), kernel = vec(weight, acc);
+  // the input's grad: each input map is the output grad convolved with the flipped kernel
+  const Tensor flipped = kernel.flip({2, 3}).contiguous();
+  Tensor g_in = at::empty({n, 2, h, w}, in.options());
+  Tensor sums = at::zeros({2, k, k, w}, in.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "spatial_conv_backward", [&] {
+    const scalar_t *g = g_s.const_data_ptr<scalar_t>(), *p = in.const_data_ptr<scalar_t>();
+    const scalar_t* kf = flipped.const_data_ptr<scalar_t>();
+    scalar_t *o = g_in.data_ptr<scalar_t>(), *acc_rows = sums.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 1024 / (h * w));
+    at::parallel_for(0, n * 2, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {  // (sample, input map)
+        const int64_t b = task / 2, ci = task % 2;
+        conv_one_map<scalar_t>(g + b * h * w, 1, h, w, kf + ci * k * k, k, k - 1 - padding,
+                               scalar_t(1), scalar_t(0), o + task * h * w);
+      }
+    });
+    // the weight's grad: one task per (input map, kernel row), each summing over the batch
+    at::parallel_for(0, 2 * k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t ci = task / k, ky = task % k;
+        for (int64_t b = 0; b < n; ++b) {
+          weight_grad_rows<scalar_t>(g + b * h * w, p + (b * 2 + ci) * h * w, h, w, k, ky,
+                                     padding, acc_rows + task * k * w);
+        }
+      }
+    });
+  });
+  return {g_in.to(input.scalar_type()), sums.sum(-1).view({1, 2, k, k}).to(weight.scalar_type())};
+}
+
+// One value of a 1-element tensor (reading it directly: `item` is an ATen call).
+double value_of(const Tensor& t) {
+  if (t.scalar_type() == at::kFloat) return *t.const_data_ptr<float>();
+  if (t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>();
+  return t.item<double>();
+}
+
+// Ms = sigmoid(BN(conv(pooled))) with the BatchNorm(1) in eval mode, N x 1 x H x W in
+// pooled's (accumulation) type.
+Tensor spatial_gate_eval(const Tensor& pooled, const Tensor& conv_w, int64_t padding,
+                         const Opt& bn_w, const Opt& bn_b, const Tensor& bn_rm,
+                         const Tensor& bn_rv, double bn_eps) {
+  const double invstd = 1.0 / std::sqrt(value_of(bn_rv) + bn_eps);
+  const double scale = bn_w ? value_of(*bn_w) * invstd : invstd;
+  const double shift = (bn_b ? value_of(*bn_b) : 0.0) - value_of(bn_rm) * scale;
+  return conv_maps(pooled, conv_w, padding, scale, shift).sigmoid_();
+}
+
+// y = x * mc[n, c] * ms[n, h, w], or in a block relu(y + identity): a new map laid out as x,
+// or x itself with `in_place` (each element is read before it is written).
 Tensor gate(const Tensor& x, const Opt& alpha_in, const Opt& beta_in, const Tensor& mc_in,
-            const Tensor& ms_in, const Opt& identity_in) {
+            const Tensor& ms_in, const Opt& identity_in, bool in_place) {
   check_map(x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   const Tensor alpha = vec(alpha_in, acc_type(x)), beta = vec(beta_in, acc_type(x));
   const Tensor mc = vec(mc_in, acc_type(x)), ms = vec(ms_in, acc_type(x));
   const Tensor identity = identity_in.has_value() ? in_layout(*identity_in, x) : Tensor();
-  Tensor out = at::empty_like(x);
+  Tensor out = in_place ? x : at::empty_like(x);
   const bool cl = channels_last(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gate", [&] {
     using acc_t = typename Acc<scalar_t>::type;
@@ -609,7 +703,7 @@ Tensor gate(const Tensor& x, const Opt& alpha_in, const Opt& beta_in, const Tens
     const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta);
     const acc_t *g = mc.const_data_ptr<acc_t>(), *m = ms.const_data_ptr<acc_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    with_flags(alpha.defined(), identity.defined(), [&](auto affine, auto block) {
+    with_flags([&](auto affine, auto block) {
       if (!cl) {  // one (n, c) row: the channel's values fixed, ms along it
         at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
           for (int64_t nc = begin; nc < end; ++nc) {
@@ -628,62 +722,84 @@ Tensor gate(const Tensor& x, const Opt& alpha_in, const Opt& beta_in, const Tens
                                                       bb, g + (pos / hw) * c, m + pos, o + off);
         }
       });
-    });
+    }, alpha.defined(), identity.defined());
   });
   return out;
 }
 
 // The whole forward in eval mode (BatchNorms on their running statistics, nothing kept for a
-// backward) as one call: the same passes and ATen ops as fused_cbam._native_forward, without
-// ~30 trips through Python per block. `block_*`: the block's BatchNorm (None outside a
-// block); `spatial_*`: the spatial gate's BatchNorm(1).
+// backward) as one call: the same math as fused_cbam._native_forward, without ~30 trips
+// through Python per block, and with the small per-channel steps as plain loops (as ATen ops
+// on C or N x C values they cost more in dispatch and thread start-ups than in arithmetic).
+// `block_*`: the block's BatchNorm (None outside a block); `spatial_*`: the spatial gate's
+// BatchNorm(1). `in_place`: write the output over x (the caller's scratch: it saves a map).
 Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, const Opt& block_b,
                     const Opt& block_rm, const Opt& block_rv, double block_eps,
                     const Tensor& w1, const Opt& b1, const Tensor& w2, const Opt& b2,
                     const std::vector<std::string>& pools, const Tensor& conv_w, int64_t padding,
                     const Opt& spatial_w, const Opt& spatial_b, const Tensor& spatial_rm,
-                    const Tensor& spatial_rv, double spatial_eps) {
+                    const Tensor& spatial_rv, double spatial_eps, bool in_place) {
   check_map(x);
-  Opt alpha, beta;  // the block's BatchNorm as alpha * x + beta (fused_cbam._affine)
-  if (block_rm.has_value()) {
-    Tensor invstd = at::rsqrt(*block_rv + block_eps);
-    Tensor a = block_w ? invstd * *block_w : invstd;
-    Tensor b = block_b ? *block_b - *block_rm * a : -*block_rm * a;
-    alpha = a.to(acc_type(x));
-    beta = b.to(acc_type(x));
-  }
+  const int64_t n = x.size(0), c = x.size(1), npools = int64_t(pools.size());
+  const at::ScalarType acc = acc_type(x);
   const std::vector<Tensor> stats = hw_stats(x, false, false);
-  const int64_t nc = x.size(0) * x.size(1), c = x.size(1);
-  // The pooled vectors (P x N x C) of BatchNorm's output, in a plain loop: as ATen ops on
-  // N x C tensors they cost more in thread start-ups than in arithmetic.
-  Tensor pooled = at::empty({int64_t(pools.size()), x.size(0), c}, stats[0].options());
-  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "pooled", [&] {
+  Opt alpha, beta;  // the block's BatchNorm as alpha * x + beta (fused_cbam._affine)
+  Tensor pooled = at::empty({npools, n, c}, stats[0].options());  // the MLP's input
+  AT_DISPATCH_FLOATING_TYPES(acc, "pooled", [&] {
     const scalar_t *mean = stats[0].const_data_ptr<scalar_t>();
     const scalar_t *top = stats[2].const_data_ptr<scalar_t>(), *low = stats[4].const_data_ptr<scalar_t>();
-    const scalar_t *a = alpha ? alpha->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t *b = beta ? beta->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t *a = nullptr, *b = nullptr;
+    if (block_rm.has_value()) {
+      alpha = at::empty({c}, stats[0].options());
+      beta = at::empty({c}, stats[0].options());
+      a = alpha->data_ptr<scalar_t>();
+      b = beta->data_ptr<scalar_t>();
+      const Tensor rm = vec(*block_rm, acc), rv = vec(*block_rv, acc);
+      const Tensor bw = vec(block_w, acc), bb = vec(block_b, acc);
+      const scalar_t *m = rm.const_data_ptr<scalar_t>(), *v = rv.const_data_ptr<scalar_t>();
+      const scalar_t *pw = ptr<scalar_t>(bw), *pb = ptr<scalar_t>(bb);
+      for (int64_t k = 0; k < c; ++k) {
+        const scalar_t invstd = scalar_t(1) / std::sqrt(v[k] + scalar_t(block_eps));
+        a[k] = pw ? invstd * pw[k] : invstd;
+        b[k] = pb ? pb[k] - m[k] * a[k] : -m[k] * a[k];
+      }
+    }
     scalar_t* o = pooled.data_ptr<scalar_t>();
     for (const auto& pool : pools) {
       TORCH_CHECK(pool == "avg" || pool == "max", "the kernels pool by avg or max, not ", pool);
       const bool avg = pool == "avg";
-      for (int64_t i = 0; i < nc; ++i, ++o) {
-        if (!a) {
-          *o = avg ? mean[i] : top[i];
-          continue;
+      for (int64_t i = 0; i < n * c; i += c) {
+        for (int64_t k = 0; k < c; ++k, ++o) {
+          if (!a) {
+            *o = avg ? mean[i + k] : top[i + k];
+          } else {  // BatchNorm is monotone per channel (fused_cbam.py)
+            *o = (avg ? mean[i + k] : a[k] < 0 ? low[i + k] : top[i + k]) * a[k] + b[k];
+          }
         }
-        const scalar_t ak = a[i % c];  // BatchNorm is monotone per channel (fused_cbam.py)
-        *o = (avg ? mean[i] : ak < 0 ? low[i] : top[i]) * ak + b[i % c];
       }
     }
   });
-  // fused_cbam._channel_gate and _spatial_gate
-  const Tensor hidden = at::relu(at::linear(pooled.to(w1.scalar_type()), w1, b1));
-  const Opt bias2 = b2 ? Opt(*b2 * double(pools.size())) : Opt();
-  const Tensor mc = at::sigmoid(at::linear(hidden.sum(0), w2, bias2));
-  const Tensor ms = spatial_gate_eval(pool_over_channels(x, alpha, beta, mc).first, conv_w,
+  // fused_cbam._channel_gate: the second layer once, on the hidden activations summed over
+  // the pools, with P x b2 (addmm's beta).
+  const Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1);
+  Tensor summed = at::empty({n, hidden.size(2)}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "relu_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* h = hidden.const_data_ptr<scalar_t>();
+    scalar_t* o = summed.data_ptr<scalar_t>();
+    const int64_t size = summed.numel();
+    for (int64_t i = 0; i < size; ++i) {
+      acc_t total = 0;
+      for (int64_t j = 0; j < npools; ++j) total += std::max(acc_t(h[j * size + i]), acc_t(0));
+      o[i] = scalar_t(total);
+    }
+  });
+  Tensor mc = b2 ? at::addmm(*b2, summed, w2.t(), double(npools)) : at::mm(summed, w2.t());
+  mc.sigmoid_();
+  const Tensor ms = spatial_gate_eval(pool_over_channels(x, alpha, beta, mc, false).first, conv_w,
                                       padding, spatial_w, spatial_b, spatial_rm, spatial_rv,
                                       spatial_eps);
-  return gate(x, alpha, beta, mc, ms, identity);
+  return gate(x, alpha, beta, mc, ms, identity, in_place);
 }
 
 // --------------------------------------------------------------------------- backward
@@ -714,7 +830,7 @@ std::vector<Tensor> backward_reduce(const Tensor& g_out_in, const Opt& out_in, c
     const acc_t *a = ptr<acc_t>(alpha), *bb = ptr<acc_t>(beta);
     const acc_t *g = mc.const_data_ptr<acc_t>(), *m = ms.const_data_ptr<acc_t>();
     acc_t *o_ms = g_ms.data_ptr<acc_t>(), *o_s0 = s0.data_ptr<acc_t>(), *o_s1 = s1.data_ptr<acc_t>();
-    with_flags(alpha.defined(), out.defined(), [&](auto affine, auto block) {
+    with_flags([&](auto affine, auto block) {
       // One sample per task: g_ms (NCHW) or s0, s1 (channels_last) accumulate across rows.
       at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
@@ -735,7 +851,7 @@ std::vector<Tensor> backward_reduce(const Tensor& g_out_in, const Opt& out_in, c
           }
         }
       });
-    });
+    }, alpha.defined(), out.defined());
   });
   return {g_y, g_ms, s0, s1};
 }
@@ -760,7 +876,7 @@ Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
     const acc_t *sc = scale.const_data_ptr<acc_t>(), *k2 = ptr<acc_t>(k2v);
     const acc_t* sh = shift.const_data_ptr<acc_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    with_flags(k2v.defined(), cl, [&](auto with_k2, auto cl_) {
+    with_flags([&](auto with_k2, auto cl_) {
       if constexpr (!cl_) {
         at::parallel_for(0, n * c, 4, [&](int64_t begin, int64_t end) {
           for (int64_t nc = begin; nc < end; ++nc) {
@@ -779,7 +895,7 @@ Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
           }
         });
       }
-    });
+    }, k2v.defined(), cl);
   });
   return out;
 }
@@ -788,9 +904,11 @@ Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hw_stats", &hw_stats, "per (n, c): mean, squared deviations, max, argmax, min, argmin (int32)");
-  m.def("channel_pool", &channel_pool, "per position: [max, mean] over C of x * mc, argmax (int32)");
+  m.def("channel_pool", &channel_pool, "per position: [max, mean] over C of x * mc, argmax (int32) if asked");
   m.def("gate", &gate, "x * mc * ms, or relu(x * mc * ms + identity)");
   m.def("forward_eval", &forward_eval, "the whole eval-mode forward in one call");
+  m.def("spatial_conv", &spatial_conv, "the spatial gate's k x k conv, 2 -> 1 maps");
+  m.def("spatial_conv_backward", &spatial_conv_backward, "its input's and weight's grads");
   m.def("backward_reduce", &backward_reduce, "g_y, g_ms, s0, s1");
   m.def("grad_input", &grad_input, "scale * (g_y * ms + g_mean) + k2 * b + shift");
 }
