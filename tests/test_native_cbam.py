@@ -150,6 +150,10 @@ def test_the_spatial_conv_and_its_backward_equal_atens(kernels, shape, kernel_si
         got_x, got_weight = kernels.spatial_conv_backward(g_s, x, weight, pad)
     torch.testing.assert_close(got_x, g_x)
     torch.testing.assert_close(got_weight, g_weight)
+    with pytest.raises(RuntimeError, match="output grad must be N x 1 x H x W"):
+        kernels.spatial_conv_backward(g_s[:, :, :, :0], x.detach(), weight.detach(), pad)
+    with pytest.raises(RuntimeError, match="input must be N x 2 x H x W"):
+        kernels.spatial_conv(x.detach()[:, :1], weight.detach(), pad)
     # float32 input and weight: results in their dtypes
     out = kernels.spatial_conv(x.detach().float(), weight.detach().float(), pad)
     assert out.dtype == torch.float32

@@ -374,6 +374,8 @@ def keep_freed_memory() -> bool:
     process plain ResNet-50 inference (batch 16, 112 px) took 19-27k page faults and ~150 ms
     per forward, in another ~300 and ~115 ms. Whichever variant met it first looked 20-30%
     slower. (PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason.)"""
+    if not sys.platform.startswith("linux"):
+        return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False

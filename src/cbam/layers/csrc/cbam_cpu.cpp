@@ -599,6 +599,8 @@ ROW weight_grad_rows(const acc_t* __restrict__ g, const acc_t* __restrict__ in, 
 
 void check_spatial_conv(const Tensor& input, const Tensor& weight) {
   TORCH_CHECK(input.dim() == 4 && input.size(1) == 2, "the spatial conv's input must be N x 2 x H x W");
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
+              "the spatial conv's input and kernel must be CPU tensors");
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
                   weight.size(2) == weight.size(3),
               "the spatial gate's kernel must be 1 x 2 x k x k");
@@ -636,6 +638,9 @@ std::vector<Tensor> spatial_conv_backward(const Tensor& g_s_in, const Tensor& in
                                           const Tensor& weight, int64_t padding) {
   check_spatial_conv(input, weight);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3), k = weight.size(3);
+  TORCH_CHECK(g_s_in.sizes() == at::IntArrayRef({n, 1, h, w}),
+              "the spatial conv's output grad must be N x 1 x H x W like its output, got ",
+              g_s_in.sizes());
   const at::ScalarType acc = acc_type(input);
   const Tensor g_s = vec(g_s_in, acc), in = vec(input, acc), kernel = vec(weight, acc);
   // the input's grad: each input map is the output grad convolved with the flipped kernel
