@@ -394,7 +394,7 @@ def perturbation_spread(model, x, grad):
 # --------------------------------------------------------------------------- compile
 
 
-def test_compiled_fused_layer_matches_eager_channels_last():
+def test_compiled_fused_layer_matches_eager_channels_last(backend):
     torch._dynamo.reset()
     module = randomise(CBAM(32)).train()
     eager = copy.deepcopy(module)
@@ -409,7 +409,7 @@ def test_compiled_fused_layer_matches_eager_channels_last():
     torch.testing.assert_close(module.spatial.bn.running_var, eager.spatial.bn.running_var)
 
 
-def test_compiled_fused_block_matches_eager():
+def test_compiled_fused_block_matches_eager(backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = randomise(Bottleneck(32, 8, attention=CBAM)).train()

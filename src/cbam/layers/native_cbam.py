@@ -6,8 +6,12 @@ cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where they can
 `CBAM_NATIVE=0` in the environment (read at import) or `set_enabled(False)` turns them off.
 
 They cover the paper's variant on CPU (avg and/or max pooling, channel pooling, channel then
-spatial) in float32, float64, bfloat16 and float16, NCHW and channels_last, in eager mode;
-under `torch.compile` the ATen implementation runs, so that Inductor can fuse it.
+spatial) in float32, float64, bfloat16 and float16, NCHW and channels_last. Under
+`torch.compile` (in training; see `fused_cbam._native_applies`) they run as torch ops
+(`cbam::hw_stats`, ...): a graph cannot call a pybind function, but it can call a registered
+op, whose fake implementation gives its outputs' shapes without running it. Eager calls go to
+the extension directly (an op's dispatch costs ~10 us). The one-call eval forward
+(`forward_eval`) has no op: compiled inference runs the ATen path, which Inductor fuses.
 """
 
 from __future__ import annotations
@@ -118,12 +122,17 @@ def _build_name() -> str:
     return "cbam_cpu_" + hashlib.sha1(cpu.encode()).hexdigest()[:10]
 
 
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    """Whether the kernels are built, building them on the first call. Under torch.compile it
+    runs while the graph is traced, and its answer is a constant of the graph."""
+    return load() is not None
+
+
 def applies(x: torch.Tensor, p: dict[str, Any]) -> bool:
-    """Whether the kernels compute this call: the paper's variant on a CPU map, in eager mode."""
+    """Whether the kernels compute this call: the paper's variant on a CPU map."""
     return (
-        not torch.compiler.is_compiling()  # first: Dynamo then never reads the flags below
-        and _enabled
-        and not _failed
+        _enabled
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.dim() == 4
@@ -131,11 +140,153 @@ def applies(x: torch.Tensor, p: dict[str, Any]) -> bool:
         and p["compress_w"] is None
         and not p["parallel"]
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-        and load() is not None
+        and _built()
     )
 
 
 def kernels() -> Any:
-    """The loaded extension module (call `applies` first)."""
+    """The kernels (call `applies` first): the extension's functions, or under torch.compile
+    the same functions as torch ops (`torch.ops.cbam`)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.cbam
     assert _module is not None
     return _module
+
+
+# --------------------------------------------------------------------------- torch ops
+# Each op calls the extension's function of the same name and signature; its fake computes
+# the outputs' sizes, dtypes and layouts as the C++ does. Small outputs (per channel, per
+# position) are in the accumulation type: float64 for float64 maps, else float32. None
+# arguments are undefined tensors there; outputs never are (what is not asked for has no rows).
+Tensor = torch.Tensor
+OptTensor = torch.Tensor | None
+# The maps may come in either layout (each kernel handles NCHW and channels_last): without
+# this, Inductor, which keeps conv outputs channels_last, copies each map to NCHW for the op.
+_LAYOUT = (torch.Tag.flexible_layout,)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows(x: Tensor, rows: int, *size: int, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((rows, *size), dtype=dtype)
+
+
+@torch.library.custom_op("cbam::hw_stats", mutates_args=(), tags=_LAYOUT)
+def _hw_stats(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
+    return _module.hw_stats(x, with_index, with_variance)  # type: ignore[union-attr]
+
+
+@_hw_stats.register_fake
+def _(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
+    n, c = x.shape[:2]
+    acc, index = _acc(x), torch.int32
+    mean, top, low = (_rows(x, n, c, dtype=acc) for _ in range(3))
+    m2 = _rows(x, n if with_variance else 0, c, dtype=acc)
+    top_at, low_at = (_rows(x, n if with_index else 0, c, dtype=index) for _ in range(2))
+    return [mean, m2, top, top_at, low, low_at]
+
+
+@torch.library.custom_op("cbam::channel_pool", mutates_args=(), tags=_LAYOUT)
+def _channel_pool(
+    x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool
+) -> list[Tensor]:
+    return _module.channel_pool(x, alpha, beta, mc, with_index)  # type: ignore[union-attr]
+
+
+@_channel_pool.register_fake
+def _(x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool) -> list[Tensor]:
+    n, _, h, w = x.shape
+    index = _rows(x, n if with_index else 0, 1, h, w, dtype=torch.int32)
+    return [_rows(x, n, 2, h, w, dtype=x.dtype), index]
+
+
+@torch.library.custom_op("cbam::spatial_conv", mutates_args=(), tags=_LAYOUT)
+def _spatial_conv(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
+    return _module.spatial_conv(compressed, weight, padding)  # type: ignore[union-attr]
+
+
+@_spatial_conv.register_fake
+def _(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
+    n, _, h, w = compressed.shape
+    return _rows(compressed, n, 1, h, w, dtype=compressed.dtype)
+
+
+@torch.library.custom_op("cbam::spatial_conv_backward", mutates_args=(), tags=_LAYOUT)
+def _spatial_conv_backward(
+    g_s: Tensor, compressed: Tensor, weight: Tensor, padding: int
+) -> list[Tensor]:
+    return _module.spatial_conv_backward(g_s, compressed, weight, padding)  # type: ignore[union-attr]
+
+
+@_spatial_conv_backward.register_fake
+def _(g_s: Tensor, compressed: Tensor, weight: Tensor, padding: int) -> list[Tensor]:
+    return [compressed.new_empty(compressed.shape), weight.new_empty(weight.shape)]  # contiguous
+
+
+@torch.library.custom_op("cbam::gate", mutates_args=(), tags=_LAYOUT)
+def _gate(
+    x: Tensor,
+    alpha: OptTensor,
+    beta: OptTensor,
+    mc: Tensor,
+    ms: Tensor,
+    identity: OptTensor,
+    in_place: bool,
+) -> Tensor:
+    _not_in_place(in_place)
+    return _module.gate(x, alpha, beta, mc, ms, identity, False)  # type: ignore[union-attr]
+
+
+@_gate.register_fake
+def _(x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, ms: Tensor,
+      identity: OptTensor, in_place: bool) -> Tensor:  # fmt: skip
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("cbam::backward_reduce", mutates_args=(), tags=_LAYOUT)
+def _backward_reduce(
+    g_out: Tensor,
+    out: OptTensor,
+    x: Tensor,
+    alpha: OptTensor,
+    beta: OptTensor,
+    mc: Tensor,
+    ms: Tensor,
+) -> list[Tensor]:
+    return _module.backward_reduce(g_out, out, x, alpha, beta, mc, ms)  # type: ignore[union-attr]
+
+
+@_backward_reduce.register_fake
+def _(g_out: Tensor, out: OptTensor, x: Tensor, alpha: OptTensor, beta: OptTensor,
+      mc: Tensor, ms: Tensor) -> list[Tensor]:  # fmt: skip
+    n, c, h, w = x.shape
+    g_y = torch.empty_like(x) if out is not None else _rows(x, 0, dtype=x.dtype)
+    acc = _acc(x)
+    return [g_y, _rows(x, n, 1, h, w, dtype=acc), _rows(x, n, c, dtype=acc),
+            _rows(x, n, c, dtype=acc)]  # fmt: skip
+
+
+@torch.library.custom_op("cbam::grad_input", mutates_args=(), tags=_LAYOUT)
+def _grad_input(
+    g_y: Tensor,
+    x: Tensor,
+    ms: Tensor,
+    g_mean: Tensor,
+    scale: Tensor,
+    k2: OptTensor,
+    shift: Tensor,
+) -> Tensor:
+    return _module.grad_input(g_y, x, ms, g_mean, scale, k2, shift)  # type: ignore[union-attr]
+
+
+@_grad_input.register_fake
+def _(g_y: Tensor, x: Tensor, ms: Tensor, g_mean: Tensor, scale: Tensor, k2: OptTensor,
+      shift: Tensor) -> Tensor:  # fmt: skip
+    return torch.empty_like(x)
+
+
+def _not_in_place(in_place: bool) -> None:
+    if in_place:  # an op's output may not alias its input
+        raise ValueError("cbam's torch ops do not write over their input: pass in_place=False")

@@ -448,7 +448,8 @@ ROW grad_run(const scalar_t* __restrict__ p, const scalar_t* __restrict__ gy, in
 // scale is negative); with `with_index` (for the backward) the first position of each, with
 // `with_variance` (for BatchNorm's batch statistics) the sum of squared deviations from the
 // mean. Those come from a second loop over data still in cache: BatchNorm's variance without
-// E[x^2] - E[x]^2's cancellation. What is not asked for is returned as None.
+// E[x^2] - E[x]^2's cancellation. What is not asked for has no rows (a torch op returns no
+// None).
 std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_variance) {
   check_map(x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
@@ -486,9 +487,7 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
       }
     }, with_index, with_variance);
   });
-  const Tensor none;
-  return {mean, with_variance ? m2 : none, top, with_index ? top_at : none,
-          low, with_index ? low_at : none};
+  return {mean, m2, top, top_at, low, low_at};
 }
 
 // Per position, over C, of u = x * mc[n, c]: the max and the mean, as an N x 2 x H x W map
@@ -809,8 +808,9 @@ Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, co
 
 // --------------------------------------------------------------------------- backward
 
-// The backward's first pass. g_y = g_out, or in a block g_out where the output is positive
-// (the ReLU's backward; written out, as it is also the identity's gradient). Per position,
+// The backward's first pass. In a block g_y = g_out where the output is positive (the ReLU's
+// backward; written out, as it is also the identity's gradient); outside one g_y is g_out and
+// comes back empty (a torch op may not return its input). Per position,
 // the spatial gate's gradient g_ms = sum over C of g_y * x * mc; per (n, c), s0 = sum over
 // H x W of g_y * ms and s1 = the same of g_y * ms * b.
 std::vector<Tensor> backward_reduce(const Tensor& g_out_in, const Opt& out_in, const Tensor& x,
@@ -822,7 +822,7 @@ std::vector<Tensor> backward_reduce(const Tensor& g_out_in, const Opt& out_in, c
   const Tensor mc = vec(mc_in, acc_type(x)), ms = vec(ms_in, acc_type(x));
   const Tensor g_out = in_layout(g_out_in, x);
   const Tensor out = out_in.has_value() ? in_layout(*out_in, x) : Tensor();
-  Tensor g_y = out.defined() ? at::empty_like(x) : g_out;
+  Tensor g_y = out.defined() ? at::empty_like(x) : at::empty({0}, x.options());
   auto fopt = x.options().dtype(acc_type(x));
   Tensor g_ms = at::zeros({n, 1, h, w}, fopt), s0 = at::zeros({n, c}, fopt);
   Tensor s1 = at::zeros({n, c}, fopt);
