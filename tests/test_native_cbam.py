@@ -278,10 +278,16 @@ def test_the_torch_ops_and_their_fakes_agree_with_the_kernels(kernels, block, me
                 assert torch.equal(g, e) and g.stride() == e.stride(), name
 
 
-def test_the_ops_refuse_to_write_over_their_input():
+def test_the_ops_reject_bad_calls(kernels, monkeypatch):
     args = op_arguments(torch.contiguous_format, True)["gate"][0]
     with pytest.raises(ValueError, match="do not write over their input"):
         torch.ops.cbam.gate(*args[:-1], True)
+    with pytest.raises(RuntimeError, match="the map must be N x C x H x W, got 2 dims"):
+        torch.ops.cbam.hw_stats(torch.randn(3, 4), False, False)
+    monkeypatch.setattr(native_cbam, "_module", None)
+    monkeypatch.setattr(native_cbam, "_failed", True)  # as after a failed build
+    with pytest.raises(RuntimeError, match=r"could not be built.*Install g\+\+ and ninja"):
+        torch.ops.cbam.hw_stats(torch.randn(2, 3, 4, 4), False, False)
 
 
 def test_compiled_graphs_call_the_kernels(kernels, monkeypatch):

@@ -152,7 +152,7 @@ def _gates(
         else:
             values, idx_hw = _hw_max(x, for_backward)
             vectors.append(values)
-    mc, saved = _channel_gate(vectors, p)
+    mc, saved = _channel_gate(torch.stack(vectors), p)
     saved.update(idx_hw=idx_hw, base_mean=base_mean)
     source = None
     if p["conv_w"] is not None and p["parallel"]:  # the spatial gate sees x, not x * Mc
@@ -167,13 +167,13 @@ def _gates(
     return u, ms, saved
 
 
-def _channel_gate(vectors: list[torch.Tensor], p: dict[str, Any]) -> tuple[torch.Tensor, Saved]:
-    """Mc = sigmoid(sum over pools of MLP(pool)), N x C, from the pooled N x C vectors."""
-    pooled = torch.stack(vectors)  # P x N x C: one batched MLP call, as in the reference
+def _channel_gate(pooled: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Saved]:
+    """Mc = sigmoid(sum over pools of MLP(pool)), N x C, from the P x N x C pooled vectors
+    (one batched MLP call, as in the reference)."""
     hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
     # The second layer is linear: applied once to the sum of the hidden activations (with P
     # times its bias) it gives the sum of the P outputs for half the work.
-    b2 = None if p["b2"] is None else p["b2"] * len(vectors)
+    b2 = None if p["b2"] is None else p["b2"] * pooled.shape[0]
     mc = torch.sigmoid(F.linear(hidden.sum(dim=0), p["w2"], b2))
     return mc, {"mc": mc, "pooled": pooled, "hidden": hidden}
 
@@ -221,7 +221,8 @@ def _triton_gates(
         base, alpha, beta = pre_bn
         base_mean = base.mean(dim=(2, 3))
         mean = base_mean * alpha + beta
-    mc, saved = _channel_gate([mean if pool == "avg" else values for pool in p["pools"]], p)
+    vectors = [mean if pool == "avg" else values for pool in p["pools"]]
+    mc, saved = _channel_gate(torch.stack(vectors), p)
     compressed, idx_c = triton_cbam.channel_pool(x, mc)
     ms = _spatial_gate(compressed, p, True, saved)
     idx_hw = idx_hw if "max" in p["pools"] else None
@@ -522,7 +523,7 @@ def _native_forward(
     means, m2, top, top_at, low, low_at = kernels.hw_stats(x, for_backward, batch_stats)
     alpha = beta = None
     stats: tuple[Any, Any] = (None, None)
-    avg, top_hw, idx_hw = means, top, top_at
+    top_hw, idx_hw = top, top_at  # the max's values and positions (of BatchNorm's output)
     if bn is not None:
         if batch_stats:
             mean, var, unbiased = _batch_statistics(means, m2, hw)
@@ -538,13 +539,9 @@ def _native_forward(
         # BatchNorm is monotone per channel: the max of its output is at the max of its input,
         # or at the min where the scale is negative.
         flip = (alpha < 0).expand_as(top)
-        top_hw = torch.where(flip, low, top) * alpha + beta
+        top_hw = torch.where(flip, low, top)
         idx_hw = torch.where(flip, low_at, top_at) if for_backward else None
-        avg = means * alpha + beta
-    dtype = p["w1"].dtype
-    mc, saved = _channel_gate(
-        [(avg if pool == "avg" else top_hw).to(dtype) for pool in p["pools"]], p
-    )
+    mc, saved = _channel_gate(_pooled(means, top_hw, alpha, beta, p), p)
     compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc, for_backward)
     ms = _spatial_gate(compressed, p, for_backward, saved, native=True)
     out = kernels.gate(x, alpha, beta, mc, ms, identity, in_place)
@@ -570,14 +567,18 @@ def _native_eval(
     )  # fmt: skip
 
 
-def _pooled_again(
-    means: torch.Tensor, at_max: torch.Tensor | None, bn: dict[str, Any] | None, p: dict[str, Any]
+def _pooled(
+    means: torch.Tensor,
+    at_max: torch.Tensor | None,
+    alpha: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    p: dict[str, Any],
 ) -> torch.Tensor:
-    """The MLP's P x N x C input as `_native_forward` built it, from the per-(n, c) means and
-    the map's values at the H x W argmax (the same values: the forward's max is one of them)."""
-    alpha = beta = None
-    if bn is not None:
-        alpha, beta = bn["alpha"].to(means.dtype), bn["beta"].to(means.dtype)
+    """The MLP's P x N x C input from the per-(n, c) means and the map's values at the H x W
+    argmax, through the block BatchNorm's alpha * v + beta when there is one. The backward
+    rebuilds it here from the argmax it kept, as the forward built it."""
+    if alpha is not None:
+        alpha, beta = alpha.to(means.dtype), beta.to(means.dtype)  # type: ignore[union-attr]
     vectors = []
     for pool in p["pools"]:
         v = means if pool == "avg" else at_max.to(means.dtype)  # type: ignore[union-attr]
@@ -623,7 +624,8 @@ def _native_backward(
     g_mc = u1 if alpha is None else u1 * alpha + u0 * beta  # sum over H x W of g_u * x
     idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
     at_hw = None if idx_hw is None else base.flatten(2).gather(2, idx_hw.unsqueeze(2)).squeeze(2)
-    saved["pooled"] = _pooled_again(saved["base_mean"], at_hw, block_bn, p)
+    bn_affine = (None, None) if block_bn is None else (block_bn["alpha"], block_bn["beta"])
+    saved["pooled"] = _pooled(saved["base_mean"], at_hw, *bn_affine, p)
     g_pooled, grads["w1"], grads["b1"], grads["w2"], grads["b2"] = _mlp_backward(
         g_mc.to(mc.dtype), saved, p
     )

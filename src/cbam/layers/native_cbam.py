@@ -175,7 +175,7 @@ def _rows(x: Tensor, rows: int, *size: int, dtype: torch.dtype) -> Tensor:
 
 @torch.library.custom_op("cbam::hw_stats", mutates_args=(), tags=_LAYOUT)
 def _hw_stats(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
-    return _module.hw_stats(x, with_index, with_variance)  # type: ignore[union-attr]
+    return _extension().hw_stats(x, with_index, with_variance)
 
 
 @_hw_stats.register_fake
@@ -192,7 +192,7 @@ def _(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
 def _channel_pool(
     x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool
 ) -> list[Tensor]:
-    return _module.channel_pool(x, alpha, beta, mc, with_index)  # type: ignore[union-attr]
+    return _extension().channel_pool(x, alpha, beta, mc, with_index)
 
 
 @_channel_pool.register_fake
@@ -204,7 +204,7 @@ def _(x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool
 
 @torch.library.custom_op("cbam::spatial_conv", mutates_args=(), tags=_LAYOUT)
 def _spatial_conv(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
-    return _module.spatial_conv(compressed, weight, padding)  # type: ignore[union-attr]
+    return _extension().spatial_conv(compressed, weight, padding)
 
 
 @_spatial_conv.register_fake
@@ -217,7 +217,7 @@ def _(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
 def _spatial_conv_backward(
     g_s: Tensor, compressed: Tensor, weight: Tensor, padding: int
 ) -> list[Tensor]:
-    return _module.spatial_conv_backward(g_s, compressed, weight, padding)  # type: ignore[union-attr]
+    return _extension().spatial_conv_backward(g_s, compressed, weight, padding)
 
 
 @_spatial_conv_backward.register_fake
@@ -236,7 +236,7 @@ def _gate(
     in_place: bool,
 ) -> Tensor:
     _not_in_place(in_place)
-    return _module.gate(x, alpha, beta, mc, ms, identity, False)  # type: ignore[union-attr]
+    return _extension().gate(x, alpha, beta, mc, ms, identity, False)
 
 
 @_gate.register_fake
@@ -255,7 +255,7 @@ def _backward_reduce(
     mc: Tensor,
     ms: Tensor,
 ) -> list[Tensor]:
-    return _module.backward_reduce(g_out, out, x, alpha, beta, mc, ms)  # type: ignore[union-attr]
+    return _extension().backward_reduce(g_out, out, x, alpha, beta, mc, ms)
 
 
 @_backward_reduce.register_fake
@@ -278,13 +278,26 @@ def _grad_input(
     k2: OptTensor,
     shift: Tensor,
 ) -> Tensor:
-    return _module.grad_input(g_y, x, ms, g_mean, scale, k2, shift)  # type: ignore[union-attr]
+    return _extension().grad_input(g_y, x, ms, g_mean, scale, k2, shift)
 
 
 @_grad_input.register_fake
 def _(g_y: Tensor, x: Tensor, ms: Tensor, g_mean: Tensor, scale: Tensor, k2: OptTensor,
       shift: Tensor) -> Tensor:  # fmt: skip
     return torch.empty_like(x)
+
+
+def _extension() -> ModuleType:
+    """The extension behind an op's call, built if need be (an op may be called directly, not
+    after `applies`), or an error that says what to do where it cannot be built."""
+    module = load()
+    if module is None:
+        raise RuntimeError(
+            "cbam's CPU kernels could not be built (see the warning above), so the torch ops "
+            "cbam::* cannot run. Install g++ and ninja (`pip install ninja`), or set "
+            "CBAM_NATIVE=0 before compiling so that the graph uses the ATen path."
+        )
+    return module
 
 
 def _not_in_place(in_place: bool) -> None:
