@@ -174,17 +174,16 @@ def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     monkeypatch.setattr(native_cbam, "_module", Counting())
     x = torch.randn(2, 32, 6, 6, requires_grad=True)
     Bottleneck(32, 8, attention=CBAM)(x).sum().backward()
-    assert calls == ["hw_stats", "channel_pool", "spatial_conv", "gate", "backward_reduce",
-                     "spatial_conv_backward", "grad_input"]  # fmt: skip
+    assert calls == ["forward_train", "backward_train"]  # one call each way
     calls.clear()
     with torch.no_grad():
         CBAM(32).eval()(x)
         Bottleneck(32, 8, attention=CBAM).eval()(x)
     assert calls == ["forward_eval", "forward_eval"]  # eval mode: one call
     calls.clear()
-    with torch.no_grad():  # batch statistics: the passes one by one
+    with torch.no_grad():  # batch statistics, which the eval forward does not compute
         Bottleneck(32, 8, attention=CBAM).train()(x)
-    assert calls == ["hw_stats", "channel_pool", "spatial_conv", "gate"]
+    assert calls == ["forward_train"]
 
 
 EVAL_VARIANTS = [{}, {"pool_types": ("max",)}, {"pool_types": ("max", "avg")},
@@ -241,53 +240,49 @@ def test_eval_blocks_write_over_their_conv_output_unless_a_hook_saw_it(kernels):
     torch.testing.assert_close(out, expected)
 
 
-def op_arguments(memory_format, block):
-    """Arguments for each of the kernels' torch ops, on a small map."""
-    n, c, h, w = 2, 19, 5, 6
+def op_arguments(kernels, memory_format, block, batch):
+    """Arguments for the kernels' two torch ops on a small map: forward_train's, and
+    backward_train's from forward_train's outputs. `batch`: BatchNorms on batch statistics."""
+    n, c, h, w, hidden = 2, 19, 5, 6, 4
     x = layout(torch.randn(n, c, h, w), memory_format)
-    alpha, beta = affine(c) if block else (None, None)
-    out = layout(torch.randn_like(x), memory_format) if block else None
-    mc, ms = torch.rand(n, c), torch.rand(n, 1, h, w)
-    compressed, conv_w = torch.randn(n, 2, h, w), torch.randn(1, 2, 3, 3)
-    scale, shift, k2 = torch.randn(n, c), torch.randn(n, c), torch.randn(c) if block else None
-    return {
-        "hw_stats": [(x, True, True), (x, False, False)],
-        "channel_pool": [(x, alpha, beta, mc, True), (x, alpha, beta, mc, False)],
-        "spatial_conv": [(compressed, conv_w, 1)],
-        "spatial_conv_backward": [(torch.randn(n, 1, h, w), compressed, conv_w, 1)],
-        "gate": [(x, alpha, beta, mc, ms, out, False)],
-        "backward_reduce": [(torch.randn_like(x), out, x, alpha, beta, mc, ms)],
-        "grad_input": [(torch.randn_like(x), x, ms, torch.randn(n, 1, h, w), scale, k2, shift)],
-    }
+    identity = layout(torch.randn_like(x), memory_format) if block else None
+    bn_c = (torch.randn(c), torch.randn(c), torch.randn(c), torch.rand(c) + 0.5)
+    block_bn = (*bn_c, batch, 0.1, 1e-5) if block else (None,) * 4 + (False, 0.0, 0.0)
+    mlp = (torch.randn(hidden, c), torch.randn(hidden), torch.randn(c, hidden), torch.randn(c))
+    conv_w = torch.randn(1, 2, 3, 3)
+    spatial = (torch.randn(1), torch.randn(1), torch.randn(1), torch.rand(1) + 0.5)
+    forward = (x, identity, *block_bn, *mlp, "avg,max", conv_w, 1, *spatial, batch, 0.1,
+               1e-5)  # fmt: skip
+    out, *kept = kernels.forward_train(*copy.deepcopy(forward))
+    backward = (torch.randn_like(x), out if block else None, x, *kept, *block_bn[:2], batch,
+                *mlp, "avg,max", conv_w, 1, *spatial[:2], batch, 1e-5)  # fmt: skip
+    return {"forward_train": forward, "backward_train": backward}
 
 
 @pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("batch", [True, False], ids=["batch_stats", "running_stats"])
 @pytest.mark.parametrize("block", [False, True], ids=["module", "block"])
-def test_the_torch_ops_and_their_fakes_agree_with_the_kernels(kernels, block, memory_format):
-    """torch.library.opcheck: each op's schema and its fake implementation (sizes, dtypes,
-    strides) against the real outputs; and each op returns what the extension's function
-    returns."""
-    for name, calls in op_arguments(memory_format, block).items():
+def test_the_torch_ops_and_their_fakes_agree_with_the_kernels(kernels, block, batch, memory_format):
+    """torch.library.opcheck: each op's schema (the running statistics it updates are declared)
+    and its fake implementation (sizes, dtypes, strides) against the real outputs; and each op
+    returns what the extension's function returns."""
+    for name, args in op_arguments(kernels, memory_format, block, batch).items():
         op = getattr(torch.ops.cbam, name)
-        for args in calls:
-            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-            expected = getattr(kernels, name)(*args)
-            got = op(*args)
-            for e, g in zip(*(t if isinstance(t, list) else [t] for t in (expected, got)),
-                            strict=True):  # fmt: skip
-                assert torch.equal(g, e) and g.stride() == e.stride(), name
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        expected = getattr(kernels, name)(*copy.deepcopy(args))
+        got = op(*copy.deepcopy(args))
+        for e, g in zip(expected, got, strict=True):
+            assert torch.equal(g, e) and g.stride() == e.stride() and g.dtype == e.dtype, name
 
 
 def test_the_ops_reject_bad_calls(kernels, monkeypatch):
-    args = op_arguments(torch.contiguous_format, True)["gate"][0]
-    with pytest.raises(ValueError, match="do not write over their input"):
-        torch.ops.cbam.gate(*args[:-1], True)
+    args = op_arguments(kernels, torch.contiguous_format, True, True)["forward_train"]
     with pytest.raises(RuntimeError, match="the map must be N x C x H x W, got 2 dims"):
-        torch.ops.cbam.hw_stats(torch.randn(3, 4), False, False)
+        torch.ops.cbam.forward_train(torch.randn(3, 4), *args[1:])
     monkeypatch.setattr(native_cbam, "_module", None)
     monkeypatch.setattr(native_cbam, "_failed", True)  # as after a failed build
     with pytest.raises(RuntimeError, match=r"could not be built.*Install g\+\+ and ninja"):
-        torch.ops.cbam.hw_stats(torch.randn(2, 3, 4, 4), False, False)
+        torch.ops.cbam.forward_train(*args)
 
 
 def test_compiled_graphs_call_the_kernels(kernels, monkeypatch):
@@ -309,8 +304,7 @@ def test_compiled_graphs_call_the_kernels(kernels, monkeypatch):
     monkeypatch.setattr(native_cbam, "_module", Counting())
     y = compiled(x)
     y.sum().backward()
-    assert calls == ["hw_stats", "channel_pool", "spatial_conv", "gate", "backward_reduce",
-                     "spatial_conv_backward", "grad_input"]  # fmt: skip
+    assert calls == ["forward_train", "backward_train"]
     monkeypatch.setattr(native_cbam, "_module", kernels)
     grad, x.grad = x.grad, None
     y_eager = eager(x)

@@ -183,15 +183,10 @@ def _spatial_gate(
     p: dict[str, Any],
     for_backward: bool,
     saved: Saved,
-    native: bool = False,
 ) -> torch.Tensor:
     """Ms = sigmoid(BN(conv(compressed))), N x 1 x H x W; what its backward needs goes into
-    `saved` (in eval mode a copy of the BN statistics used). `native`: the conv by the CPU
-    kernels."""
-    if native:
-        s = native_cbam.kernels().spatial_conv(compressed, p["conv_w"], p["padding"])
-    else:
-        s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
+    `saved` (in eval mode a copy of the BN statistics used)."""
+    s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
     bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
     ms = torch.sigmoid(F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"]))
     saved.update(ms=ms, compressed=compressed, s=s)
@@ -260,11 +255,9 @@ def _finish(
 # --------------------------------------------------------------------------- backward
 
 
-def _spatial_backward(
-    g_ms: torch.Tensor, saved: Saved, p: dict[str, Any], native: bool = False
-) -> tuple[Any, ...]:
+def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tuple[Any, ...]:
     """Through sigmoid, BatchNorm2d(1) and the k x k conv: the grads of (compressed map, conv
-    weight, BN weight, BN bias). `native`: the conv's backward by the CPU kernels."""
+    weight, BN weight, BN bias)."""
     ms, s = saved["ms"], saved["s"]
     g_normed = torch.ops.aten.sigmoid_backward(g_ms, ms)
     eps = p["bn_eps"]
@@ -278,11 +271,6 @@ def _spatial_backward(
         [True, p["bn_w"] is not None, p["bn_b"] is not None],
     )  # fmt: skip
     padding, weight, compressed = p["padding"], p["conv_w"], saved["compressed"]
-    if native:
-        g_compressed, g_conv = native_cbam.kernels().spatial_conv_backward(
-            g_s, compressed, weight, padding
-        )
-        return g_compressed, g_conv, g_bn_w, g_bn_b
     # The k x k conv's backward as two small forward convs (stride 1, "same" padding): the
     # input's grad with the flipped kernel, the weight's with the batch as channels. oneDNN's
     # own backward for a 2 -> 1 channel conv is several times slower on CPU.
@@ -490,17 +478,11 @@ def _native_applies(x: torch.Tensor, p: dict[str, Any], autograd: bool) -> bool:
     return native_cbam.applies(x, p) and not _triton_applies(x, p)
 
 
-def _batch_statistics(
-    means: torch.Tensor, m2: torch.Tensor, hw: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel: batch mean, biased and unbiased variance, from per-(sample, channel)
-    means and squared deviations over H x W (Chan et al.'s pairwise combination)."""
-    means64 = means.double()
-    mean = means64.mean(dim=0)
-    m2_total = m2.double().sum(dim=0) + hw * (means64 - mean).square().sum(dim=0)
-    count = means.shape[0] * hw
-    unbiased = m2_total / max(count - 1, 1)
-    return mean.to(means.dtype), (m2_total / count).to(means.dtype), unbiased
+# What `_native_forward` keeps for `_native_backward`, in the order the kernels take them.
+NATIVE_KEPT = (
+    "mc", "hidden", "ms", "compressed", "s", "idx_c", "idx_hw", "spatial_stats", "means",
+    "block_stats",
+)  # fmt: skip
 
 
 def _native_forward(
@@ -510,44 +492,19 @@ def _native_forward(
     p: dict[str, Any],
     for_backward: bool,
     in_place: bool = False,
-) -> tuple[torch.Tensor, Saved, tuple[Any, Any]]:
-    """(output, what the backward needs, the block BatchNorm's (mean, invstd) in training or
-    copies of its (running mean, running var) in eval). `bn`: the block's BatchNorm
-    (BLOCK_BN_NAMES), with x its input; None for the module alone. `in_place` (without a
-    backward): the output overwrites x, which the caller no longer needs."""
-    kernels = native_cbam.kernels()
-    batch_stats = bn is not None and bn["training"]
-    if not for_backward and not batch_stats and not p["bn_training"]:
-        return _native_eval(x, identity, bn, p, in_place), {}, (None, None)
-    hw = x.shape[2] * x.shape[3]
-    means, m2, top, top_at, low, low_at = kernels.hw_stats(x, for_backward, batch_stats)
-    alpha = beta = None
-    stats: tuple[Any, Any] = (None, None)
-    top_hw, idx_hw = top, top_at  # the max's values and positions (of BatchNorm's output)
-    if bn is not None:
-        if batch_stats:
-            mean, var, unbiased = _batch_statistics(means, m2, hw)
-            if bn["rm"] is not None:
-                bn["rm"].lerp_(mean.to(bn["rm"].dtype), bn["momentum"])
-                bn["rv"].lerp_(unbiased.to(bn["rv"].dtype), bn["momentum"])
-            stats = (mean, torch.rsqrt(var + bn["eps"]))
-        else:
-            stats = (bn["rm"].clone(), bn["rv"].clone())
-        mean_or, invstd_or_var = (t.to(means.dtype) for t in stats)
-        alpha, beta = _affine(mean_or, invstd_or_var, bn["w"], bn["b"], batch_stats, bn["eps"])
-        alpha, beta = alpha.to(means.dtype), beta.to(means.dtype)
-        # BatchNorm is monotone per channel: the max of its output is at the max of its input,
-        # or at the min where the scale is negative.
-        flip = (alpha < 0).expand_as(top)
-        top_hw = torch.where(flip, low, top)
-        idx_hw = torch.where(flip, low_at, top_at) if for_backward else None
-    mc, saved = _channel_gate(_pooled(means, top_hw, alpha, beta, p), p)
-    compressed, idx_c = kernels.channel_pool(x, alpha, beta, mc, for_backward)
-    ms = _spatial_gate(compressed, p, for_backward, saved, native=True)
-    out = kernels.gate(x, alpha, beta, mc, ms, identity, in_place)
-    saved.update(idx_c=idx_c, idx_hw=idx_hw if "max" in p["pools"] else None, base_mean=means)
-    saved["pooled"] = None  # the backward recomputes it from the means and the argmax values
-    return out, saved, stats
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(output, what the backward needs: NATIVE_KEPT), in one kernel call. `bn`: the block's
+    BatchNorm (BLOCK_BN_NAMES), with x its input; None for the module alone. `in_place`
+    (eval mode only): the output overwrites x, which the caller no longer needs."""
+    if not for_backward and not (bn is not None and bn["training"]) and not p["bn_training"]:
+        return _native_eval(x, identity, bn, p, in_place), []
+    block = (None,) * 4 + (False, 0.0, 0.0) if bn is None else [bn[k] for k in BLOCK_BN_NAMES]
+    out, *kept = native_cbam.kernels().forward_train(
+        x, identity, *block, p["w1"], p["b1"], p["w2"], p["b2"], ",".join(p["pools"]),
+        p["conv_w"], p["padding"], p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"],
+        p["bn_training"], p["bn_momentum"], p["bn_eps"],
+    )  # fmt: skip
+    return out, kept
 
 
 def _native_eval(
@@ -557,99 +514,33 @@ def _native_eval(
     p: dict[str, Any],
     in_place: bool,
 ) -> torch.Tensor:
-    """The eval-mode forward (no batch statistics, nothing kept) as one kernel call: the
-    same math as `_native_forward`, without its ~30 trips through Python."""
+    """The eval-mode forward (no batch statistics, nothing kept), in one kernel call."""
     block = (None,) * 4 if bn is None else (bn["w"], bn["b"], bn["rm"], bn["rv"])
     return native_cbam.kernels().forward_eval(
         x, identity, *block, 0.0 if bn is None else bn["eps"],
-        p["w1"], p["b1"], p["w2"], p["b2"], list(p["pools"]), p["conv_w"], p["padding"],
+        p["w1"], p["b1"], p["w2"], p["b2"], ",".join(p["pools"]), p["conv_w"], p["padding"],
         p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_eps"], in_place,
     )  # fmt: skip
-
-
-def _pooled(
-    means: torch.Tensor,
-    at_max: torch.Tensor | None,
-    alpha: torch.Tensor | None,
-    beta: torch.Tensor | None,
-    p: dict[str, Any],
-) -> torch.Tensor:
-    """The MLP's P x N x C input from the per-(n, c) means and the map's values at the H x W
-    argmax, through the block BatchNorm's alpha * v + beta when there is one. The backward
-    rebuilds it here from the argmax it kept, as the forward built it."""
-    if alpha is not None:
-        alpha, beta = alpha.to(means.dtype), beta.to(means.dtype)  # type: ignore[union-attr]
-    vectors = []
-    for pool in p["pools"]:
-        v = means if pool == "avg" else at_max.to(means.dtype)  # type: ignore[union-attr]
-        vectors.append(v if alpha is None else v * alpha + beta)
-    return torch.stack(vectors).to(p["w1"].dtype)
 
 
 def _native_backward(
     g_out: torch.Tensor,
     out: torch.Tensor | None,
     base: torch.Tensor,
-    saved: Saved,
+    kept: Sequence[torch.Tensor],
     p: dict[str, Any],
-    block_bn: dict[str, Any] | None,
+    block_bn: tuple[Any, Any, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """(grad of base, grad of the block's pre-ReLU output g_y, parameter grads): the math of
-    `_gates_backward` for channel-then-spatial with channel pooling, in two kernel passes
-    (plus one bmm) over the map.
-
-    With u = x * Mc and g_u its grad: g_u = g_y * Ms + g_mean + g_max at the channel argmax
-    (g_mean, g_max: the grads of the two compressed maps, g_mean divided by C); the grad of x
-    is g_u * Mc + g_avg + g_max_hw at the H x W argmax; in a block the BatchNorm's backward
-    maps it to base as k1 * (grad of x) + k2 * base + k3 per channel."""
-    kernels = native_cbam.kernels()
-    n, c, h, w = base.shape
-    hw = h * w
-    mc, ms = saved["mc"], saved["ms"]
-    alpha = beta = None
-    if block_bn is not None:
-        alpha, beta = block_bn["alpha"].to(mc.dtype), block_bn["beta"].to(mc.dtype)
-    g_y, g_ms, s0, s1 = kernels.backward_reduce(g_out, out, base, alpha, beta, mc, ms)
-    if out is None:  # outside a block g_y is g_out (the kernel returns it empty)
-        g_y = g_out
-    grads: dict[str, Any] = {}
-    g_compressed, grads["conv_w"], grads["bn_w"], grads["bn_b"] = _spatial_backward(
-        g_ms.to(ms.dtype), saved, p, native=True
-    )
-    g_max, g_mean = g_compressed[:, :1], g_compressed[:, 1:2] / c
-    idx_c = saved["idx_c"].long()  # int32 while kept; ATen's gather and scatter want int64
-    # sums over H x W of g_u (u0) and of g_u * base (u1), per (sample, channel)
-    u0 = s0 + g_mean.sum(dim=(2, 3)) + _scatter_nc(idx_c, g_max, c)
-    u1 = s1 + _sum_over_hw(base, g_mean) + _scatter_nc(idx_c, g_max * base.gather(1, idx_c), c)
-    g_mc = u1 if alpha is None else u1 * alpha + u0 * beta  # sum over H x W of g_u * x
-    idx_hw = None if saved["idx_hw"] is None else saved["idx_hw"].long()
-    at_hw = None if idx_hw is None else base.flatten(2).gather(2, idx_hw.unsqueeze(2)).squeeze(2)
-    bn_affine = (None, None) if block_bn is None else (block_bn["alpha"], block_bn["beta"])
-    saved["pooled"] = _pooled(saved["base_mean"], at_hw, *bn_affine, p)
-    g_pooled, grads["w1"], grads["b1"], grads["w2"], grads["b2"] = _mlp_backward(
-        g_mc.to(mc.dtype), saved, p
-    )
-    pools = p["pools"]
-    g_avg = g_pooled[pools.index("avg")] / hw if "avg" in pools else torch.zeros_like(mc)
-    g_max_hw = g_pooled[pools.index("max")] if idx_hw is not None else None
-    k1 = k2 = None
-    scale, shift = mc, g_avg
-    if block_bn is not None:  # BatchNorm's per-channel sums, from the small tensors
-        sum_0 = mc * u0 + g_avg * hw
-        sum_1 = mc * u1 + g_avg * hw * saved["base_mean"]
-        if g_max_hw is not None:
-            sum_0, sum_1 = sum_0 + g_max_hw, sum_1 + g_max_hw * at_hw
-        k1, k2, k3, grads["block_w"], grads["block_b"] = _batch_norm_backward_terms(
-            sum_0.sum(0), sum_1.sum(0), n * hw, block_bn
-        )
-        scale, shift = k1 * mc, k1 * g_avg + k3
-    grad = kernels.grad_input(g_y, base, ms, g_mean, scale, k2, shift)
-    at_argmax = scale.gather(1, idx_c.view(n, hw)).view(n, 1, h, w) * g_max
-    grad.scatter_add_(1, idx_c, at_argmax.to(grad.dtype))
-    if g_max_hw is not None:
-        scaled = g_max_hw if k1 is None else g_max_hw * k1
-        grad.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), scaled.unsqueeze(2).to(grad.dtype))
-    return grad, g_y, grads
+    """(grad of base, grad of the block's pre-ReLU output g_y, parameter grads), in one kernel
+    call: the math of `_gates_backward` for channel-then-spatial with channel pooling, in two
+    passes over the map. `block_bn`: the block BatchNorm's (weight, bias, batch statistics)."""
+    g_x, g_y, *grads = native_cbam.kernels().backward_train(
+        g_out, out, base, *kept, *block_bn, p["w1"], p["b1"], p["w2"], p["b2"],
+        ",".join(p["pools"]), p["conv_w"], p["padding"], p["bn_w"], p["bn_b"], p["bn_training"],
+        p["bn_eps"],
+    )  # fmt: skip
+    names = ("block_w", "block_b", "w1", "b1", "w2", "b2", "conv_w", "bn_w", "bn_b")
+    return g_x, g_y, dict(zip(names, grads, strict=True))
 
 
 # --------------------------------------------------------------------------- autograd
@@ -686,28 +577,25 @@ class FusedCBAM(torch.autograd.Function):
         bn = dict(zip(BLOCK_BN_NAMES, args[:nb], strict=True))
         p = dict(zip(PARAM_NAMES + SETTING_NAMES, args[nb:], strict=True))
         block = identity is not None
-        stats: tuple[Any, ...] = (None, None, None, None)
-        pre_bn = None
-        ctx.native = _native_applies(x, p, autograd=True)
-        if ctx.native:
-            out, saved, (mean, invstd) = _native_forward(
-                x, identity, bn if block else None, p, True
-            )
-            stats = (mean, invstd, bn["w"], bn["b"])
-        else:
-            feature = x
-            if block:
-                feature, mean, invstd = _block_batch_norm(x, bn)
-                stats = (mean, invstd, bn["w"], bn["b"])
-                alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], bn["training"], bn["eps"])
-                pre_bn = (x, alpha, beta)
-            u, ms, saved = _gates(feature, p, for_backward=True, in_place=block, pre_bn=pre_bn)
-            out = _finish(u, ms, identity, saved, in_place=block)
         ctx.settings = {k: p[k] for k in SETTING_NAMES}
         ctx.has_param = tuple(p[k] is not None for k in PARAM_NAMES)
         ctx.block = block
         ctx.bn = {k: bn[k] for k in ("training", "eps")}
+        ctx.native = _native_applies(x, p, autograd=True)
         params = [p[k] for k in PARAM_NAMES[:8]]
+        if ctx.native:
+            out, kept = _native_forward(x, identity, bn if block else None, p, True)
+            ctx.save_for_backward(x, out if block else None, bn["w"], bn["b"], *kept, *params)
+            return out
+        stats: tuple[Any, ...] = (None, None, None, None)
+        feature, pre_bn = x, None
+        if block:
+            feature, mean, invstd = _block_batch_norm(x, bn)
+            stats = (mean, invstd, bn["w"], bn["b"])
+            alpha, beta = _affine(mean, invstd, bn["w"], bn["b"], bn["training"], bn["eps"])
+            pre_bn = (x, alpha, beta)
+        u, ms, saved = _gates(feature, p, for_backward=True, in_place=block, pre_bn=pre_bn)
+        out = _finish(u, ms, identity, saved, in_place=block)
         ctx.save_for_backward(
             x, out if block else None, *stats, *(saved.get(k) for k in _SMALL), *params
         )
@@ -715,30 +603,20 @@ class FusedCBAM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, out, mean, invstd, bn_w, bn_b, *rest = ctx.saved_tensors
-        saved = dict(zip(_SMALL, rest[: len(_SMALL)], strict=True))
-        p: dict[str, Any] = dict(zip(PARAM_NAMES[:8], rest[len(_SMALL) :], strict=True))
-        p.update(ctx.settings)
+        if ctx.native:
+            x, out, bn_w, bn_b, *rest = ctx.saved_tensors
+            kept, params = rest[: len(NATIVE_KEPT)], rest[len(NATIVE_KEPT) :]
+            p: dict[str, Any] = dict(zip(PARAM_NAMES[:8], params, strict=True))
+            p.update(ctx.settings)
+            block_bn = (bn_w, bn_b, bool(ctx.bn["training"]))
+            g_x, g_y, grads = _native_backward(g_out, out, x, kept, p, block_bn)
+        else:
+            g_x, g_y, grads = _aten_backward(ctx, g_out)
         g_identity = g_bn_w = g_bn_b = None
         if ctx.block:
-            training, eps = ctx.bn["training"], ctx.bn["eps"]
-            scale, shift = _affine(mean, invstd, bn_w, bn_b, training, eps)
-            if not training:  # eval: `mean` and `invstd` hold the running mean and var
-                invstd = torch.rsqrt(invstd + eps)
-            bn = {"mean": mean, "invstd": invstd, "w": bn_w, "b": bn_b, "training": training,
-                  "alpha": scale, "beta": shift}  # fmt: skip
-            if ctx.native:
-                g_x, g_y, grads = _native_backward(g_out, out, x, saved, p, bn)
-            else:
-                g_y = torch.ops.aten.threshold_backward(g_out, out, 0)  # the ReLU's backward
-                g_x, grads = _gates_backward(g_y, x, saved, p, bn)
             g_identity = g_y if ctx.needs_input_grad[1] else None
             g_bn_w = grads["block_w"] if ctx.needs_input_grad[2] else None
             g_bn_b = grads["block_b"] if ctx.needs_input_grad[3] else None
-        elif ctx.native:
-            g_x, _, grads = _native_backward(g_out, None, x, saved, p, None)
-        else:
-            g_x, grads = _gates_backward(g_out, x, saved, p)
         nb = len(BLOCK_BN_NAMES)
         param_grads = [
             grads.get(name) if has and ctx.needs_input_grad[2 + nb + i] else None
@@ -746,6 +624,26 @@ class FusedCBAM(torch.autograd.Function):
         ]
         block_grads = (g_bn_w, g_bn_b, *(None,) * (nb - 2))
         return (g_x, g_identity, *block_grads, *param_grads, *(None,) * len(SETTING_NAMES))
+
+
+def _aten_backward(ctx: Any, g_out: torch.Tensor) -> tuple[Any, Any, dict[str, Any]]:
+    """FusedCBAM's backward on the ATen path: (grad of x, g_y or None, parameter grads)."""
+    x, out, mean, invstd, bn_w, bn_b, *rest = ctx.saved_tensors
+    saved = dict(zip(_SMALL, rest[: len(_SMALL)], strict=True))
+    p: dict[str, Any] = dict(zip(PARAM_NAMES[:8], rest[len(_SMALL) :], strict=True))
+    p.update(ctx.settings)
+    if not ctx.block:
+        g_x, grads = _gates_backward(g_out, x, saved, p)
+        return g_x, None, grads
+    training, eps = ctx.bn["training"], ctx.bn["eps"]
+    scale, shift = _affine(mean, invstd, bn_w, bn_b, training, eps)
+    if not training:  # eval: `mean` and `invstd` hold the running mean and var
+        invstd = torch.rsqrt(invstd + eps)
+    bn = {"mean": mean, "invstd": invstd, "w": bn_w, "b": bn_b, "training": training,
+          "alpha": scale, "beta": shift}  # fmt: skip
+    g_y = torch.ops.aten.threshold_backward(g_out, out, 0)  # the ReLU's backward
+    g_x, grads = _gates_backward(g_y, x, saved, p, bn)
+    return g_x, g_y, grads
 
 
 def _affine(

@@ -163,6 +163,10 @@ OptTensor = torch.Tensor | None
 # The maps may come in either layout (each kernel handles NCHW and channels_last): without
 # this, Inductor, which keeps conv outputs channels_last, copies each map to NCHW for the op.
 _LAYOUT = (torch.Tag.flexible_layout,)
+# An op that updates its arguments (the running statistics) returns a fixed number of tensors:
+# functionalization (torch.compile) does not take a list from it.
+Outputs11 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                  Tensor]  # fmt: skip
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -173,118 +177,135 @@ def _rows(x: Tensor, rows: int, *size: int, dtype: torch.dtype) -> Tensor:
     return x.new_empty((rows, *size), dtype=dtype)
 
 
-@torch.library.custom_op("cbam::hw_stats", mutates_args=(), tags=_LAYOUT)
-def _hw_stats(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
-    return _extension().hw_stats(x, with_index, with_variance)
-
-
-@_hw_stats.register_fake
-def _(x: Tensor, with_index: bool, with_variance: bool) -> list[Tensor]:
-    n, c = x.shape[:2]
-    acc, index = _acc(x), torch.int32
-    mean, top, low = (_rows(x, n, c, dtype=acc) for _ in range(3))
-    m2 = _rows(x, n if with_variance else 0, c, dtype=acc)
-    top_at, low_at = (_rows(x, n if with_index else 0, c, dtype=index) for _ in range(2))
-    return [mean, m2, top, top_at, low, low_at]
-
-
-@torch.library.custom_op("cbam::channel_pool", mutates_args=(), tags=_LAYOUT)
-def _channel_pool(
-    x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool
-) -> list[Tensor]:
-    return _extension().channel_pool(x, alpha, beta, mc, with_index)
-
-
-@_channel_pool.register_fake
-def _(x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, with_index: bool) -> list[Tensor]:
-    n, _, h, w = x.shape
-    index = _rows(x, n if with_index else 0, 1, h, w, dtype=torch.int32)
-    return [_rows(x, n, 2, h, w, dtype=x.dtype), index]
-
-
-@torch.library.custom_op("cbam::spatial_conv", mutates_args=(), tags=_LAYOUT)
-def _spatial_conv(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
-    return _extension().spatial_conv(compressed, weight, padding)
-
-
-@_spatial_conv.register_fake
-def _(compressed: Tensor, weight: Tensor, padding: int) -> Tensor:
-    n, _, h, w = compressed.shape
-    return _rows(compressed, n, 1, h, w, dtype=compressed.dtype)
-
-
-@torch.library.custom_op("cbam::spatial_conv_backward", mutates_args=(), tags=_LAYOUT)
-def _spatial_conv_backward(
-    g_s: Tensor, compressed: Tensor, weight: Tensor, padding: int
-) -> list[Tensor]:
-    return _extension().spatial_conv_backward(g_s, compressed, weight, padding)
-
-
-@_spatial_conv_backward.register_fake
-def _(g_s: Tensor, compressed: Tensor, weight: Tensor, padding: int) -> list[Tensor]:
-    return [compressed.new_empty(compressed.shape), weight.new_empty(weight.shape)]  # contiguous
-
-
-@torch.library.custom_op("cbam::gate", mutates_args=(), tags=_LAYOUT)
-def _gate(
+@torch.library.custom_op(
+    "cbam::forward_train",
+    mutates_args=("block_rm", "block_rv", "spatial_rm", "spatial_rv"),
+    tags=_LAYOUT,
+)
+def _forward_train(
     x: Tensor,
-    alpha: OptTensor,
-    beta: OptTensor,
-    mc: Tensor,
-    ms: Tensor,
     identity: OptTensor,
-    in_place: bool,
-) -> Tensor:
-    _not_in_place(in_place)
-    return _extension().gate(x, alpha, beta, mc, ms, identity, False)
+    block_w: OptTensor,
+    block_b: OptTensor,
+    block_rm: OptTensor,
+    block_rv: OptTensor,
+    block_batch: bool,
+    block_momentum: float,
+    block_eps: float,
+    w1: Tensor,
+    b1: OptTensor,
+    w2: Tensor,
+    b2: OptTensor,
+    pools: str,
+    conv_w: Tensor,
+    padding: int,
+    spatial_w: OptTensor,
+    spatial_b: OptTensor,
+    spatial_rm: OptTensor,
+    spatial_rv: OptTensor,
+    spatial_batch: bool,
+    spatial_momentum: float,
+    spatial_eps: float,
+) -> Outputs11:
+    return tuple(_extension().forward_train(
+        x, identity, block_w, block_b, block_rm, block_rv, block_batch, block_momentum,
+        block_eps, w1, b1, w2, b2, pools, conv_w, padding, spatial_w, spatial_b, spatial_rm,
+        spatial_rv, spatial_batch, spatial_momentum, spatial_eps,
+    ))  # fmt: skip
 
 
-@_gate.register_fake
-def _(x: Tensor, alpha: OptTensor, beta: OptTensor, mc: Tensor, ms: Tensor,
-      identity: OptTensor, in_place: bool) -> Tensor:  # fmt: skip
-    return torch.empty_like(x)
+@_forward_train.register_fake
+def _(x: Tensor, identity: OptTensor, block_w: OptTensor, block_b: OptTensor,
+      block_rm: OptTensor, block_rv: OptTensor, block_batch: bool, block_momentum: float,
+      block_eps: float, w1: Tensor, b1: OptTensor, w2: Tensor, b2: OptTensor,
+      pools: str, conv_w: Tensor, padding: int, spatial_w: OptTensor,
+      spatial_b: OptTensor, spatial_rm: OptTensor, spatial_rv: OptTensor,
+      spatial_batch: bool, spatial_momentum: float, spatial_eps: float) -> Outputs11:  # fmt: skip
+    n, c, h, w = x.shape
+    acc, mlp = _acc(x), w1.dtype
+    spatial_stats = (
+        _rows(x, 0, dtype=x.dtype)
+        if spatial_batch or spatial_rm is None
+        else _rows(x, 2, dtype=spatial_rm.dtype)
+    )
+    return (
+        torch.empty_like(x),  # out
+        _rows(x, n, c, dtype=mlp),  # mc
+        _rows(x, len(pools.split(",")), n, w1.shape[0], dtype=mlp),  # hidden
+        _rows(x, n, 1, h, w, dtype=x.dtype),  # ms
+        _rows(x, n, 2, h, w, dtype=x.dtype),  # compressed
+        _rows(x, n, 1, h, w, dtype=x.dtype),  # s
+        _rows(x, n, 1, h, w, dtype=torch.int32),  # idx_c
+        _rows(x, n if "max" in pools.split(",") else 0, c, dtype=torch.int32),  # idx_hw
+        spatial_stats,
+        _rows(x, n, c, dtype=acc),  # means
+        _rows(x, 2 if identity is not None else 0, c, dtype=acc),  # block_stats
+    )
 
 
-@torch.library.custom_op("cbam::backward_reduce", mutates_args=(), tags=_LAYOUT)
-def _backward_reduce(
+@torch.library.custom_op("cbam::backward_train", mutates_args=(), tags=_LAYOUT)
+def _backward_train(
     g_out: Tensor,
     out: OptTensor,
     x: Tensor,
-    alpha: OptTensor,
-    beta: OptTensor,
     mc: Tensor,
+    hidden: Tensor,
     ms: Tensor,
+    compressed: Tensor,
+    s: Tensor,
+    idx_c: Tensor,
+    idx_hw: Tensor,
+    spatial_stats: Tensor,
+    means: Tensor,
+    block_stats: Tensor,
+    block_w: OptTensor,
+    block_b: OptTensor,
+    block_batch: bool,
+    w1: Tensor,
+    b1: OptTensor,
+    w2: Tensor,
+    b2: OptTensor,
+    pools: str,
+    conv_w: Tensor,
+    padding: int,
+    spatial_w: OptTensor,
+    spatial_b: OptTensor,
+    spatial_batch: bool,
+    spatial_eps: float,
 ) -> list[Tensor]:
-    return _extension().backward_reduce(g_out, out, x, alpha, beta, mc, ms)
+    return _extension().backward_train(
+        g_out, out, x, mc, hidden, ms, compressed, s, idx_c, idx_hw, spatial_stats, means,
+        block_stats, block_w, block_b, block_batch, w1, b1, w2, b2, pools, conv_w, padding,
+        spatial_w, spatial_b, spatial_batch, spatial_eps,
+    )  # fmt: skip
 
 
-@_backward_reduce.register_fake
-def _(g_out: Tensor, out: OptTensor, x: Tensor, alpha: OptTensor, beta: OptTensor,
-      mc: Tensor, ms: Tensor) -> list[Tensor]:  # fmt: skip
-    n, c, h, w = x.shape
-    g_y = torch.empty_like(x) if out is not None else _rows(x, 0, dtype=x.dtype)
-    acc = _acc(x)
-    return [g_y, _rows(x, n, 1, h, w, dtype=acc), _rows(x, n, c, dtype=acc),
-            _rows(x, n, c, dtype=acc)]  # fmt: skip
+@_backward_train.register_fake
+def _(g_out: Tensor, out: OptTensor, x: Tensor, mc: Tensor, hidden: Tensor, ms: Tensor,
+      compressed: Tensor, s: Tensor, idx_c: Tensor, idx_hw: Tensor, spatial_stats: Tensor,
+      means: Tensor, block_stats: Tensor, block_w: OptTensor, block_b: OptTensor,
+      block_batch: bool, w1: Tensor, b1: OptTensor, w2: Tensor, b2: OptTensor,
+      pools: str, conv_w: Tensor, padding: int, spatial_w: OptTensor,
+      spatial_b: OptTensor, spatial_batch: bool, spatial_eps: float) -> list[Tensor]:  # fmt: skip
+    c = x.shape[1]
+    block = out is not None
 
+    def grad(param: OptTensor, size: int, dtype: torch.dtype, present: bool = True) -> Tensor:
+        return _rows(x, size if param is not None and present else 0, dtype=dtype)
 
-@torch.library.custom_op("cbam::grad_input", mutates_args=(), tags=_LAYOUT)
-def _grad_input(
-    g_y: Tensor,
-    x: Tensor,
-    ms: Tensor,
-    g_mean: Tensor,
-    scale: Tensor,
-    k2: OptTensor,
-    shift: Tensor,
-) -> Tensor:
-    return _extension().grad_input(g_y, x, ms, g_mean, scale, k2, shift)
-
-
-@_grad_input.register_fake
-def _(g_y: Tensor, x: Tensor, ms: Tensor, g_mean: Tensor, scale: Tensor, k2: OptTensor,
-      shift: Tensor) -> Tensor:  # fmt: skip
-    return torch.empty_like(x)
+    return [
+        torch.empty_like(x),  # the grad of x
+        torch.empty_like(x) if block else _rows(x, 0, dtype=x.dtype),  # g_y
+        grad(block_w, c, _acc(x), block),
+        grad(block_b, c, _acc(x), block),
+        w1.new_empty(w1.shape),
+        grad(b1, w1.shape[0], w1.dtype),
+        w2.new_empty(w2.shape, dtype=mc.dtype),
+        grad(b2, c, w2.dtype),
+        conv_w.new_empty(conv_w.shape),
+        grad(spatial_w, 1, s.dtype if spatial_w is None else spatial_w.dtype),
+        grad(spatial_b, 1, s.dtype if spatial_b is None else spatial_b.dtype),
+    ]
 
 
 def _extension() -> ModuleType:
@@ -298,8 +319,3 @@ def _extension() -> ModuleType:
             "CBAM_NATIVE=0 before compiling so that the graph uses the ATen path."
         )
     return module
-
-
-def _not_in_place(in_place: bool) -> None:
-    if in_place:  # an op's output may not alias its input
-        raise ValueError("cbam's torch ops do not write over their input: pass in_place=False")

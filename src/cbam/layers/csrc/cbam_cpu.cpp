@@ -71,11 +71,14 @@ Tensor in_layout(const Tensor& t, const Tensor& like) {
   return t.to(like.scalar_type()).contiguous(format);
 }
 
-// Small tensors (per channel, per (n, c), per position) as contiguous float; None: undefined.
+// Small tensors (per channel, per (n, c), per position) as contiguous float; None (or an
+// undefined tensor): undefined.
 Tensor vec(const Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
 }
-Tensor vec(const Opt& t, at::ScalarType acc) { return t.has_value() ? vec(*t, acc) : Tensor(); }
+Tensor vec(const Opt& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? vec(*t, acc) : Tensor();
+}
 
 template <typename T>
 const T* ptr(const Tensor& t) {
@@ -731,79 +734,204 @@ Tensor gate(const Tensor& x, const Opt& alpha_in, const Opt& beta_in, const Tens
   return out;
 }
 
-// The whole forward in eval mode (BatchNorms on their running statistics, nothing kept for a
-// backward) as one call: the same math as fused_cbam._native_forward, without ~30 trips
-// through Python per block, and with the small per-channel steps as plain loops (as ATen ops
-// on C or N x C values they cost more in dispatch and thread start-ups than in arithmetic).
-// `block_*`: the block's BatchNorm (None outside a block); `spatial_*`: the spatial gate's
-// BatchNorm(1). `in_place`: write the output over x (the caller's scratch: it saves a map).
-Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, const Opt& block_b,
-                    const Opt& block_rm, const Opt& block_rv, double block_eps,
-                    const Tensor& w1, const Opt& b1, const Tensor& w2, const Opt& b2,
-                    const std::vector<std::string>& pools, const Tensor& conv_w, int64_t padding,
-                    const Opt& spatial_w, const Opt& spatial_b, const Tensor& spatial_rm,
-                    const Tensor& spatial_rv, double spatial_eps, bool in_place) {
-  check_map(x);
-  const int64_t n = x.size(0), c = x.size(1), npools = int64_t(pools.size());
-  const at::ScalarType acc = acc_type(x);
-  const std::vector<Tensor> stats = hw_stats(x, false, false);
-  Opt alpha, beta;  // the block's BatchNorm as alpha * x + beta (fused_cbam._affine)
-  Tensor pooled = at::empty({npools, n, c}, stats[0].options());  // the MLP's input
-  AT_DISPATCH_FLOATING_TYPES(acc, "pooled", [&] {
-    const scalar_t *mean = stats[0].const_data_ptr<scalar_t>();
-    const scalar_t *top = stats[2].const_data_ptr<scalar_t>(), *low = stats[4].const_data_ptr<scalar_t>();
-    scalar_t *a = nullptr, *b = nullptr;
-    if (block_rm.has_value()) {
-      alpha = at::empty({c}, stats[0].options());
-      beta = at::empty({c}, stats[0].options());
-      a = alpha->data_ptr<scalar_t>();
-      b = beta->data_ptr<scalar_t>();
-      const Tensor rm = vec(*block_rm, acc), rv = vec(*block_rv, acc);
-      const Tensor bw = vec(block_w, acc), bb = vec(block_b, acc);
-      const scalar_t *m = rm.const_data_ptr<scalar_t>(), *v = rv.const_data_ptr<scalar_t>();
-      const scalar_t *pw = ptr<scalar_t>(bw), *pb = ptr<scalar_t>(bb);
-      for (int64_t k = 0; k < c; ++k) {
-        const scalar_t invstd = scalar_t(1) / std::sqrt(v[k] + scalar_t(block_eps));
-        a[k] = pw ? invstd * pw[k] : invstd;
-        b[k] = pb ? pb[k] - m[k] * a[k] : -m[k] * a[k];
-      }
+// --------------------------------------------------------------------------- whole passes
+// The forward and the backward as one call each: the kernels above, the MLP's and BatchNorm's
+// ATen calls, and the small per-channel and per-(n, c) steps as plain loops (as ATen ops on C
+// or N x C values, called from Python, they cost ~1.5 ms per block and training step in
+// dispatch and thread start-ups, more than the kernels' passes over the map at stages 2-4).
+// fused_cbam.py has the same math written with ATen ops (its ATen path).
+
+// The pool types from their names joined by commas, "avg,max" (a torch op takes no list of
+// strings).
+std::vector<std::string> split_pools(const std::string& names) {
+  std::vector<std::string> pools;
+  for (size_t begin = 0; begin <= names.size();) {
+    const size_t end = std::min(names.find(',', begin), names.size());
+    pools.push_back(names.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return pools;
+}
+
+// The block BatchNorm as alpha * b + beta per channel, from its (mean, invstd), both C, in
+// the accumulation type; `bn_w`, `bn_b` None: no affine part.
+std::pair<Tensor, Tensor> affine(const Tensor& mean, const Tensor& invstd, const Opt& bn_w,
+                                 const Opt& bn_b) {
+  const int64_t c = mean.size(0);
+  Tensor alpha = at::empty({c}, mean.options()), beta = at::empty({c}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "affine", [&] {
+    const Tensor w = vec(bn_w, mean.scalar_type()), b = vec(bn_b, mean.scalar_type());
+    const scalar_t *m = mean.const_data_ptr<scalar_t>(), *s = invstd.const_data_ptr<scalar_t>();
+    const scalar_t *pw = ptr<scalar_t>(w), *pb = ptr<scalar_t>(b);
+    scalar_t *a = alpha.data_ptr<scalar_t>(), *o = beta.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < c; ++k) {
+      a[k] = pw ? s[k] * pw[k] : s[k];
+      o[k] = pb ? pb[k] - m[k] * a[k] : -m[k] * a[k];
     }
+  });
+  return {alpha, beta};
+}
+
+// The MLP's P x N x C input, in the accumulation type: per pool, the per-(n, c) means or the
+// map's values at the H x W argmax (`at_max`), through the block BatchNorm's alpha * v + beta
+// where there is one (alpha undefined: none).
+Tensor pooled_vectors(const Tensor& means, const Tensor& at_max, const Tensor& alpha,
+                      const Tensor& beta, const std::vector<std::string>& pools) {
+  const int64_t n = means.size(0), c = means.size(1);
+  Tensor pooled = at::empty({int64_t(pools.size()), n, c}, means.options());
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "pooled", [&] {
+    const scalar_t *a = ptr<scalar_t>(alpha), *b = ptr<scalar_t>(beta);
     scalar_t* o = pooled.data_ptr<scalar_t>();
     for (const auto& pool : pools) {
       TORCH_CHECK(pool == "avg" || pool == "max", "the kernels pool by avg or max, not ", pool);
-      const bool avg = pool == "avg";
-      for (int64_t i = 0; i < n * c; i += c) {
-        for (int64_t k = 0; k < c; ++k, ++o) {
-          if (!a) {
-            *o = avg ? mean[i + k] : top[i + k];
-          } else {  // BatchNorm is monotone per channel (fused_cbam.py)
-            *o = (avg ? mean[i + k] : a[k] < 0 ? low[i + k] : top[i + k]) * a[k] + b[k];
-          }
-        }
-      }
+      const scalar_t* v = (pool == "avg" ? means : at_max).const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n * c; ++i, ++o) *o = a ? v[i] * a[i % c] + b[i % c] : v[i];
     }
   });
-  // fused_cbam._channel_gate: the second layer once, on the hidden activations summed over
-  // the pools, with P x b2 (addmm's beta).
-  const Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1);
-  Tensor summed = at::empty({n, hidden.size(2)}, hidden.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "relu_sum", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* h = hidden.const_data_ptr<scalar_t>();
-    scalar_t* o = summed.data_ptr<scalar_t>();
-    const int64_t size = summed.numel();
-    for (int64_t i = 0; i < size; ++i) {
-      acc_t total = 0;
-      for (int64_t j = 0; j < npools; ++j) total += std::max(acc_t(h[j * size + i]), acc_t(0));
-      o[i] = scalar_t(total);
+  return pooled;
+}
+
+// The H x W max of the map the gates see, per (n, c), and its position (int32; undefined
+// without `with_index`), from hw_stats' outputs: BatchNorm is monotone per channel, so the
+// max of its output is at the max of its input, or at the min where the scale is negative.
+std::pair<Tensor, Tensor> hw_max(const std::vector<Tensor>& stats, const Tensor& alpha,
+                                 bool with_index) {
+  if (!alpha.defined()) return {stats[2], with_index ? stats[3] : Tensor()};
+  const int64_t n = stats[2].size(0), c = stats[2].size(1);
+  Tensor top = at::empty_like(stats[2]);
+  Tensor where = with_index ? at::empty_like(stats[3]) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(top.scalar_type(), "hw_max", [&] {
+    const scalar_t *a = alpha.const_data_ptr<scalar_t>(), *hi = stats[2].const_data_ptr<scalar_t>();
+    const scalar_t* lo = stats[4].const_data_ptr<scalar_t>();
+    const int32_t *hi_at = stats[3].const_data_ptr<int32_t>(), *lo_at = stats[5].const_data_ptr<int32_t>();
+    scalar_t* o = top.data_ptr<scalar_t>();
+    int32_t* o_at = with_index ? where.data_ptr<int32_t>() : nullptr;
+    for (int64_t i = 0; i < n * c; ++i) {
+      const bool flip = a[i % c] < 0;
+      o[i] = flip ? lo[i] : hi[i];
+      if (o_at) o_at[i] = flip ? lo_at[i] : hi_at[i];
     }
   });
-  Tensor mc = b2 ? at::addmm(*b2, summed, w2.t(), double(npools)) : at::mm(summed, w2.t());
-  mc.sigmoid_();
+  return {top, where};
+}
+
+// Mc = sigmoid(sum over pools of MLP(pool)), N x C, and the hidden activations after the
+// ReLU (P x N x hidden), in the MLP's dtype. The second layer is linear: applied once to the
+// hidden activations summed over the pools, with P x b2 (addmm's beta), it gives the sum of
+// the P outputs for half the work.
+std::pair<Tensor, Tensor> channel_gate(const Tensor& pooled, const Tensor& w1, const Opt& b1,
+                                       const Tensor& w2, const Opt& b2) {
+  Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1).relu_();
+  const Tensor summed = hidden.sum(0);
+  Tensor mc = b2 ? at::addmm(*b2, summed, w2.t(), double(pooled.size(0))) : at::mm(summed, w2.t());
+  return {mc.sigmoid_(), hidden};
+}
+
+// The whole forward in eval mode (BatchNorms on their running statistics, nothing kept for a
+// backward). `block_*`: the block's BatchNorm (None outside a block); `spatial_*`: the spatial
+// gate's BatchNorm(1). `in_place`: write the output over x (the caller's scratch: it saves a
+// map).
+Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, const Opt& block_b,
+                    const Opt& block_rm, const Opt& block_rv, double block_eps,
+                    const Tensor& w1, const Opt& b1, const Tensor& w2, const Opt& b2,
+                    const std::string& pool_names, const Tensor& conv_w, int64_t padding,
+                    const Opt& spatial_w, const Opt& spatial_b, const Tensor& spatial_rm,
+                    const Tensor& spatial_rv, double spatial_eps, bool in_place) {
+  check_map(x);
+  const std::vector<std::string> pools = split_pools(pool_names);
+  const at::ScalarType acc = acc_type(x);
+  const std::vector<Tensor> stats = hw_stats(x, false, false);
+  Tensor alpha, beta;
+  if (block_rm.has_value()) {
+    const Tensor mean = vec(*block_rm, acc);
+    auto invstd = (vec(*block_rv, acc) + block_eps).rsqrt_();
+    std::tie(alpha, beta) = affine(mean, invstd, block_w, block_b);
+  }
+  const Tensor top = hw_max(stats, alpha, false).first;
+  const Tensor mc = channel_gate(pooled_vectors(stats[0], top, alpha, beta, pools), w1, b1, w2,
+                                 b2).first;
   const Tensor ms = spatial_gate_eval(pool_over_channels(x, alpha, beta, mc, false).first, conv_w,
                                       padding, spatial_w, spatial_b, spatial_rm, spatial_rv,
                                       spatial_eps);
   return gate(x, alpha, beta, mc, ms, identity, in_place);
+}
+
+// The forward whose backward will run (or whose BatchNorms use batch statistics): the output
+// and what `backward_train` needs, {out, mc, hidden, ms, compressed, s, idx_c, idx_hw,
+// spatial_stats, means, block_stats}:
+// - hidden: the MLP's hidden activations (P x N x hidden), s: the spatial conv's output,
+//   compressed: its input ([max, mean] over C), ms: the spatial gate;
+// - idx_c, idx_hw: the argmax of the channel max (N x 1 x H x W) and of the H x W max (N x C;
+//   no rows without max pooling), int32;
+// - spatial_stats: [running mean, running var] of the spatial BatchNorm in eval mode (copies:
+//   the backward must see what the forward used), no elements in training;
+// - means: per (n, c), the H x W mean of the block's conv output (or of x);
+// - block_stats: 2 x C, the block BatchNorm's mean and invstd (batch statistics in training,
+//   running ones in eval), no rows outside a block.
+// In a block, x is the conv output the block's BatchNorm normalises (`block_*`), and the
+// BatchNorm's running statistics are updated here, as its own forward would (Chan et al.'s
+// pairwise combination of per-(n, c) means and squared deviations, in double). So are the
+// spatial BatchNorm's.
+std::vector<Tensor> forward_train(
+    const Tensor& x, const Opt& identity, const Opt& block_w, const Opt& block_b,
+    const Opt& block_rm, const Opt& block_rv, bool block_batch, double block_momentum,
+    double block_eps, const Tensor& w1, const Opt& b1, const Tensor& w2, const Opt& b2,
+    const std::string& pool_names, const Tensor& conv_w, int64_t padding,
+    const Opt& spatial_w, const Opt& spatial_b, const Opt& spatial_rm, const Opt& spatial_rv,
+    bool spatial_batch, double spatial_momentum, double spatial_eps) {
+  check_map(x);
+  const std::vector<std::string> pools = split_pools(pool_names);
+  const bool block = identity.has_value();
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const at::ScalarType acc = acc_type(x);
+  const std::vector<Tensor> stats = hw_stats(x, true, block && block_batch);
+  const Tensor& means = stats[0];
+  Tensor alpha, beta, block_stats = at::empty({0, c}, means.options());
+  if (block) {
+    block_stats = at::empty({2, c}, means.options());
+    if (block_batch) {
+      Tensor unbiased = at::empty({c}, means.options().dtype(at::kDouble));
+      AT_DISPATCH_FLOATING_TYPES(acc, "batch_stats", [&] {
+        const scalar_t *mu = means.const_data_ptr<scalar_t>(), *m2 = stats[1].const_data_ptr<scalar_t>();
+        scalar_t *o_mean = block_stats.data_ptr<scalar_t>(), *o_invstd = o_mean + c;
+        double* o_unbiased = unbiased.data_ptr<double>();
+        const double count = double(n * hw);
+        for (int64_t k = 0; k < c; ++k) {
+          double mean = 0, total = 0;
+          for (int64_t b = 0; b < n; ++b) mean += mu[b * c + k];
+          mean /= n;
+          for (int64_t b = 0; b < n; ++b) {
+            const double d = mu[b * c + k] - mean;
+            total += m2[b * c + k] + hw * d * d;
+          }
+          o_mean[k] = scalar_t(mean);
+          o_invstd[k] = scalar_t(1) / std::sqrt(scalar_t(total / count) + scalar_t(block_eps));
+          o_unbiased[k] = total / std::max(count - 1, 1.0);
+        }
+      });
+      if (block_rm.has_value()) {
+        block_rm->lerp_(block_stats[0].to(block_rm->scalar_type()), block_momentum);
+        block_rv->lerp_(unbiased.to(block_rv->scalar_type()), block_momentum);
+      }
+    } else {
+      block_stats[0].copy_(*block_rm);
+      block_stats[1].copy_((vec(*block_rv, acc) + block_eps).rsqrt_());
+    }
+    std::tie(alpha, beta) = affine(block_stats[0], block_stats[1], block_w, block_b);
+  }
+  auto [top, idx_hw] = hw_max(stats, alpha, true);
+  auto [mc, hidden] = channel_gate(pooled_vectors(means, top, alpha, beta, pools), w1, b1, w2, b2);
+  auto [pooled, idx_c] = pool_over_channels(x, alpha, beta, mc, true);
+  const Tensor compressed = pooled.to(x.scalar_type());
+  const Tensor s = spatial_conv(compressed, conv_w, padding);
+  const Tensor ms = at::batch_norm(s, spatial_w, spatial_b, spatial_rm, spatial_rv, spatial_batch,
+                                   spatial_momentum, spatial_eps, false).sigmoid_();
+  const Tensor spatial_stats = spatial_batch ? at::empty({0}, s.options())
+                                             : at::cat({*spatial_rm, *spatial_rv});
+  const bool with_max = std::find(pools.begin(), pools.end(), "max") != pools.end();
+  if (!with_max) idx_hw = at::empty({0, c}, idx_hw.options());
+  const Tensor out = gate(x, alpha, beta, mc, ms, identity, false);
+  return {out, mc, hidden, ms, compressed, s, idx_c, idx_hw, spatial_stats, means, block_stats};
 }
 
 // --------------------------------------------------------------------------- backward
@@ -905,6 +1033,215 @@ Tensor grad_input(const Tensor& g_y_in, const Tensor& x, const Tensor& ms_in,
   return out;
 }
 
+// An op returns no undefined tensors: what was not computed comes back with no elements.
+Tensor or_empty(const Tensor& t, const Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+// Element (b, k, i) of a map laid out NCHW or channels_last.
+inline int64_t at_(bool cl, int64_t b, int64_t k, int64_t i, int64_t c, int64_t hw) {
+  return cl ? (b * hw + i) * c + k : (b * c + k) * hw + i;
+}
+
+// The backward of forward_train, from g_out and what it kept: {grad of x, g_y (the grad of
+// the block's pre-ReLU sum, which is also the identity's; no elements outside a block),
+// grads of the block BatchNorm's weight and bias, of w1, b1, w2, b2, of the spatial conv's
+// kernel, of the spatial BatchNorm's weight and bias} (no elements where there is no such
+// parameter). Two passes over the map (backward_reduce, grad_input) and one product (bmm).
+//
+// With u = x * Mc and g_u its grad: g_u = g_y * Ms + g_mean + g_max at the channel argmax
+// (g_mean, g_max: the grads of the two compressed maps, g_mean divided by C); the grad of x is
+// g_u * Mc + g_avg + g_max_hw at the H x W argmax; in a block the BatchNorm's backward maps it
+// to its input b as k1 * (grad of x) + k2 * b + k3 per channel, with k1, k2, k3 from per-channel
+// sums that the small tensors give (fused_cbam._batch_norm_backward_terms).
+std::vector<Tensor> backward_train(
+    const Tensor& g_out, const Opt& out, const Tensor& x, const Tensor& mc, const Tensor& hidden,
+    const Tensor& ms, const Tensor& compressed, const Tensor& s, const Tensor& idx_c_in,
+    const Tensor& idx_hw_in, const Tensor& spatial_stats, const Tensor& means_in,
+    const Tensor& block_stats, const Opt& block_w, const Opt& block_b, bool block_batch,
+    const Tensor& w1, const Opt& b1, const Tensor& w2, const Opt& b2,
+    const std::string& pool_names, const Tensor& conv_w, int64_t padding,
+    const Opt& spatial_w, const Opt& spatial_b, bool spatial_batch, double spatial_eps) {
+  check_map(x);
+  const std::vector<std::string> pools = split_pools(pool_names);
+  const bool block = out.has_value(), cl = channels_last(x);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const int64_t npools = int64_t(pools.size());
+  const at::ScalarType acc = acc_type(x);
+  const auto fopt = x.options().dtype(acc);
+  Tensor alpha, beta, mean, invstd;
+  if (block) {
+    mean = vec(block_stats[0], acc);
+    invstd = vec(block_stats[1], acc);
+    std::tie(alpha, beta) = affine(mean, invstd, block_w, block_b);
+  }
+  const std::vector<Tensor> reduced = backward_reduce(g_out, out, x, alpha, beta, mc, ms);
+  const Tensor g_y = block ? reduced[0] : g_out;
+
+  // the spatial gate: sigmoid, BatchNorm2d(1) (batch statistics recomputed from the small
+  // map), the k x k conv
+  const Tensor g_normed = at::sigmoid_backward(reduced[1].to(ms.scalar_type()), ms);
+  Tensor save_mean, save_invstd, run_mean, run_var;
+  if (spatial_batch) {
+    auto [var, mu] = at::var_mean(s, at::IntArrayRef({0, 2, 3}), at::Scalar(0), false);
+    save_mean = mu;
+    save_invstd = (var + spatial_eps).rsqrt_();
+  } else {
+    run_mean = spatial_stats.slice(0, 0, 1);
+    run_var = spatial_stats.slice(0, 1, 2);
+  }
+  auto [g_s, g_spatial_w, g_spatial_b] = at::native_batch_norm_backward(
+      g_normed, s, spatial_w, run_mean, run_var, save_mean, save_invstd, spatial_batch,
+      spatial_eps, {true, spatial_w.has_value(), spatial_b.has_value()});
+  const std::vector<Tensor> conv_grads = spatial_conv_backward(g_s, compressed, conv_w, padding);
+  const Tensor g_compressed = vec(conv_grads[0], acc);  // N x 2 x H x W: [max, mean]
+  const Tensor g_mean = (g_compressed.slice(1, 1, 2) / double(c)).contiguous();
+
+  // per (n, c): u0, u1 = the sums over H x W of g_u and of g_u * b; the values of b at the
+  // H x W argmax
+  const Tensor idx_c = idx_c_in.contiguous(), idx_hw = idx_hw_in.contiguous();
+  const bool with_max = idx_hw.size(0) > 0;
+  const Tensor base_dot = at::bmm(g_mean.to(x.scalar_type()).view({n, 1, hw}),
+                                  x.flatten(2).transpose(1, 2));  // sum over HW of b * g_mean
+  Tensor u0 = reduced[2].clone(), u1 = reduced[3] + base_dot.view({n, c});
+  Tensor at_hw = at::empty({with_max ? n : 0, c}, fopt);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_sums", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    const acc_t* gc = g_compressed.const_data_ptr<acc_t>();
+    const int32_t *ic = idx_c.const_data_ptr<int32_t>(), *ih = idx_hw.const_data_ptr<int32_t>();
+    acc_t *o0 = u0.data_ptr<acc_t>(), *o1 = u1.data_ptr<acc_t>(), *o_hw = at_hw.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const acc_t* g_max = gc + 2 * b * hw;
+        acc_t g_mean_total = 0;
+        for (int64_t i = 0; i < hw; ++i) g_mean_total += g_max[hw + i];
+        g_mean_total /= c;
+        for (int64_t k = 0; k < c; ++k) o0[b * c + k] += g_mean_total;
+        for (int64_t i = 0; i < hw; ++i) {  // the channel max's grad goes to its argmax
+          const int64_t k = ic[b * hw + i];
+          o0[b * c + k] += g_max[i];
+          o1[b * c + k] += g_max[i] * acc_t(p[at_(cl, b, k, i, c, hw)]);
+        }
+        if (with_max) {
+          for (int64_t k = 0; k < c; ++k) o_hw[b * c + k] = p[at_(cl, b, k, ih[b * c + k], c, hw)];
+        }
+      }
+    });
+  });
+
+  // the MLP: its input rebuilt as the forward built it, then its backward (fused_cbam.py's
+  // _mlp_backward); g_mc = the sum over H x W of g_u * x
+  const Tensor g_mc = block ? u1 * alpha + u0 * beta : u1;
+  const Tensor pooled = pooled_vectors(vec(means_in, acc), at_hw, alpha, beta, pools)
+                            .to(w1.scalar_type());
+  const Tensor g_logits = at::sigmoid_backward(g_mc.to(mc.scalar_type()), mc);
+  const Tensor g_w2 = g_logits.t().mm(hidden.sum(0));
+  const Tensor g_b2 = b2 ? g_logits.sum(0) * double(npools) : Tensor();
+  const Tensor g_hidden = g_logits.mm(w2).unsqueeze(0) * (hidden > 0);  // P x N x hidden
+  const Tensor g_w1 = g_hidden.flatten(0, 1).t().mm(pooled.flatten(0, 1));
+  const Tensor g_b1 = b1 ? g_hidden.sum({0, 1}) : Tensor();
+  const Tensor g_pooled = vec(g_hidden.matmul(w1), acc);  // P x N x C
+
+  // the grad of x (or, in a block, of b) as scale * (g_y * ms + g_mean) + k2 * b + shift,
+  // then the two max pools' scatters
+  const int64_t avg_at = std::find(pools.begin(), pools.end(), "avg") - pools.begin();
+  const int64_t max_at = std::find(pools.begin(), pools.end(), "max") - pools.begin();
+  Tensor scale = at::empty({n, c}, fopt), shift = at::empty({n, c}, fopt), k1, k2;
+  Tensor g_block_w, g_block_b;
+  const Tensor means = vec(means_in, acc), mc_acc = vec(mc, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "grad_terms", [&] {
+    const scalar_t *m = mc_acc.const_data_ptr<scalar_t>(), *gp = g_pooled.const_data_ptr<scalar_t>();
+    const scalar_t *o0 = u0.const_data_ptr<scalar_t>(), *o1 = u1.const_data_ptr<scalar_t>();
+    const scalar_t *mu = means.const_data_ptr<scalar_t>(), *hv = at_hw.const_data_ptr<scalar_t>();
+    const scalar_t* g_avg = avg_at < npools ? gp + avg_at * n * c : nullptr;
+    const scalar_t* g_max_hw = with_max ? gp + max_at * n * c : nullptr;
+    scalar_t *sc = scale.data_ptr<scalar_t>(), *sh = shift.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n * c; ++i) {
+      sc[i] = m[i];
+      sh[i] = g_avg ? g_avg[i] / hw : 0;
+    }
+    if (!block) return;
+    // BatchNorm's per-channel sums of its output grad (sum_0) and of that times b (sum_1)
+    std::vector<scalar_t> sum_0(c, 0), sum_1(c, 0);
+    for (int64_t i = 0; i < n * c; ++i) {
+      const int64_t k = i % c;
+      scalar_t t0 = m[i] * o0[i], t1 = m[i] * o1[i];
+      if (g_avg) {
+        t0 += g_avg[i];  // (g_avg / hw) * hw
+        t1 += g_avg[i] * mu[i];
+      }
+      if (g_max_hw) {
+        t0 += g_max_hw[i];
+        t1 += g_max_hw[i] * hv[i];
+      }
+      sum_0[k] += t0;
+      sum_1[k] += t1;
+    }
+    // training: grad_b = w * invstd * (g - mean(g) - xhat * mean(g * xhat)); eval: w * invstd * g
+    const Tensor bw = vec(block_w, acc);
+    const scalar_t *pw = ptr<scalar_t>(bw), *mean_c = mean.const_data_ptr<scalar_t>();
+    const scalar_t* inv = invstd.const_data_ptr<scalar_t>();
+    k1 = at::empty({c}, fopt);
+    k2 = block_batch ? at::empty({c}, fopt) : Tensor();
+    g_block_w = block_w ? at::empty({c}, fopt) : Tensor();
+    g_block_b = block_b ? at::empty({c}, fopt) : Tensor();
+    scalar_t *o_k1 = k1.data_ptr<scalar_t>(), *o_k2 = block_batch ? k2.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o_w = block_w ? g_block_w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o_b = block_b ? g_block_b.data_ptr<scalar_t>() : nullptr;
+    const scalar_t count = scalar_t(n * hw);
+    std::vector<scalar_t> k3(c, 0);
+    for (int64_t k = 0; k < c; ++k) {
+      const scalar_t sum_dy_xhat = inv[k] * (sum_1[k] - mean_c[k] * sum_0[k]);
+      o_k1[k] = pw ? inv[k] * pw[k] : inv[k];
+      if (o_w) o_w[k] = sum_dy_xhat;
+      if (o_b) o_b[k] = sum_0[k];
+      if (block_batch) {
+        o_k2[k] = -o_k1[k] * inv[k] * sum_dy_xhat / count;
+        k3[k] = -o_k1[k] * sum_0[k] / count - o_k2[k] * mean_c[k];
+      }
+    }
+    for (int64_t i = 0; i < n * c; ++i) {
+      const int64_t k = i % c;
+      sc[i] = o_k1[k] * m[i];
+      sh[i] = o_k1[k] * sh[i] + k3[k];
+    }
+  });
+  Tensor grad = grad_input(g_y, x, ms, g_mean, scale, k2, shift);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_grads", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    scalar_t* o = grad.data_ptr<scalar_t>();
+    const acc_t *gc = g_compressed.const_data_ptr<acc_t>(), *sc = scale.const_data_ptr<acc_t>();
+    const acc_t* g_max_hw = with_max ? g_pooled.const_data_ptr<acc_t>() + max_at * n * c : nullptr;
+    const acc_t* k1v = ptr<acc_t>(k1);
+    const int32_t *ic = idx_c.const_data_ptr<int32_t>(), *ih = idx_hw.const_data_ptr<int32_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t i = 0; i < hw; ++i) {
+          const int64_t k = ic[b * hw + i], e = at_(cl, b, k, i, c, hw);
+          o[e] = scalar_t(acc_t(o[e]) + sc[b * c + k] * gc[2 * b * hw + i]);
+        }
+        for (int64_t k = 0; g_max_hw && k < c; ++k) {
+          const int64_t e = at_(cl, b, k, ih[b * c + k], c, hw);
+          const acc_t g = g_max_hw[b * c + k];
+          o[e] = scalar_t(acc_t(o[e]) + (k1v ? k1v[k] * g : g));
+        }
+      }
+    });
+  });
+  return {grad,
+          block ? g_y : at::empty({0}, x.options()),
+          or_empty(g_block_w, means),
+          or_empty(g_block_b, means),
+          g_w1,
+          or_empty(g_b1, w1),
+          g_w2,
+          or_empty(g_b2, w2),
+          conv_grads[1],
+          or_empty(g_spatial_w, s),
+          or_empty(g_spatial_b, s)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -916,4 +1253,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spatial_conv_backward", &spatial_conv_backward, "its input's and weight's grads");
   m.def("backward_reduce", &backward_reduce, "g_y, g_ms, s0, s1");
   m.def("grad_input", &grad_input, "scale * (g_y * ms + g_mean) + k2 * b + shift");
+  m.def("forward_train", &forward_train, "the forward whose backward will run, in one call");
+  m.def("backward_train", &backward_train, "forward_train's backward, in one call");
 }
