@@ -772,6 +772,18 @@ std::pair<Tensor, Tensor> affine(const Tensor& mean, const Tensor& invstd, const
   return {alpha, beta};
 }
 
+// 1 / sqrt(var + eps), in the accumulation type.
+Tensor invstd_of(const Tensor& var, double eps, at::ScalarType acc) {
+  const Tensor v = vec(var, acc);
+  Tensor out = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(acc, "invstd", [&] {
+    const scalar_t* p = v.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < v.numel(); ++k) o[k] = scalar_t(1) / std::sqrt(p[k] + scalar_t(eps));
+  });
+  return out;
+}
+
 // The MLP's P x N x C input, in the accumulation type: per pool, the per-(n, c) means or the
 // map's values at the H x W argmax (`at_max`), through the block BatchNorm's alpha * v + beta
 // where there is one (alpha undefined: none).
@@ -785,7 +797,9 @@ Tensor pooled_vectors(const Tensor& means, const Tensor& at_max, const Tensor& a
     for (const auto& pool : pools) {
       TORCH_CHECK(pool == "avg" || pool == "max", "the kernels pool by avg or max, not ", pool);
       const scalar_t* v = (pool == "avg" ? means : at_max).const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < n * c; ++i, ++o) *o = a ? v[i] * a[i % c] + b[i % c] : v[i];
+      for (int64_t i = 0; i < n * c; i += c) {
+        for (int64_t k = 0; k < c; ++k, ++o) *o = a ? v[i + k] * a[k] + b[k] : v[i + k];
+      }
     }
   });
   return pooled;
@@ -806,10 +820,12 @@ std::pair<Tensor, Tensor> hw_max(const std::vector<Tensor>& stats, const Tensor&
     const int32_t *hi_at = stats[3].const_data_ptr<int32_t>(), *lo_at = stats[5].const_data_ptr<int32_t>();
     scalar_t* o = top.data_ptr<scalar_t>();
     int32_t* o_at = with_index ? where.data_ptr<int32_t>() : nullptr;
-    for (int64_t i = 0; i < n * c; ++i) {
-      const bool flip = a[i % c] < 0;
-      o[i] = flip ? lo[i] : hi[i];
-      if (o_at) o_at[i] = flip ? lo_at[i] : hi_at[i];
+    for (int64_t i = 0; i < n * c; i += c) {
+      for (int64_t k = 0; k < c; ++k) {
+        const bool flip = a[k] < 0;
+        o[i + k] = flip ? lo[i + k] : hi[i + k];
+        if (o_at) o_at[i + k] = flip ? lo_at[i + k] : hi_at[i + k];
+      }
     }
   });
   return {top, where};
@@ -821,8 +837,23 @@ std::pair<Tensor, Tensor> hw_max(const std::vector<Tensor>& stats, const Tensor&
 // the P outputs for half the work.
 std::pair<Tensor, Tensor> channel_gate(const Tensor& pooled, const Tensor& w1, const Opt& b1,
                                        const Tensor& w2, const Opt& b2) {
-  Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1).relu_();
-  const Tensor summed = hidden.sum(0);
+  Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1);
+  Tensor summed = at::empty({hidden.size(1), hidden.size(2)}, hidden.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "relu_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* h = hidden.data_ptr<scalar_t>();
+    scalar_t* o = summed.data_ptr<scalar_t>();
+    const int64_t size = summed.numel(), npools = hidden.size(0);
+    for (int64_t i = 0; i < size; ++i) {
+      acc_t total = 0;
+      for (int64_t j = 0; j < npools; ++j) {
+        const scalar_t v = std::max(h[j * size + i], scalar_t(0));
+        h[j * size + i] = v;
+        total += acc_t(v);
+      }
+      o[i] = scalar_t(total);
+    }
+  });
   Tensor mc = b2 ? at::addmm(*b2, summed, w2.t(), double(pooled.size(0))) : at::mm(summed, w2.t());
   return {mc.sigmoid_(), hidden};
 }
@@ -844,7 +875,7 @@ Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, co
   Tensor alpha, beta;
   if (block_rm.has_value()) {
     const Tensor mean = vec(*block_rm, acc);
-    auto invstd = (vec(*block_rv, acc) + block_eps).rsqrt_();
+    const Tensor invstd = invstd_of(*block_rv, block_eps, acc);
     std::tie(alpha, beta) = affine(mean, invstd, block_w, block_b);
   }
   const Tensor top = hw_max(stats, alpha, false).first;
@@ -915,7 +946,7 @@ std::vector<Tensor> forward_train(
       }
     } else {
       block_stats[0].copy_(*block_rm);
-      block_stats[1].copy_((vec(*block_rv, acc) + block_eps).rsqrt_());
+      block_stats[1].copy_(invstd_of(*block_rv, block_eps, acc));
     }
     std::tie(alpha, beta) = affine(block_stats[0], block_stats[1], block_w, block_b);
   }
@@ -1164,19 +1195,20 @@ std::vector<Tensor> backward_train(
     if (!block) return;
     // BatchNorm's per-channel sums of its output grad (sum_0) and of that times b (sum_1)
     std::vector<scalar_t> sum_0(c, 0), sum_1(c, 0);
-    for (int64_t i = 0; i < n * c; ++i) {
-      const int64_t k = i % c;
-      scalar_t t0 = m[i] * o0[i], t1 = m[i] * o1[i];
-      if (g_avg) {
-        t0 += g_avg[i];  // (g_avg / hw) * hw
-        t1 += g_avg[i] * mu[i];
+    for (int64_t row = 0; row < n * c; row += c) {
+      for (int64_t k = 0, i = row; k < c; ++k, ++i) {
+        scalar_t t0 = m[i] * o0[i], t1 = m[i] * o1[i];
+        if (g_avg) {
+          t0 += g_avg[i];  // (g_avg / hw) * hw
+          t1 += g_avg[i] * mu[i];
+        }
+        if (g_max_hw) {
+          t0 += g_max_hw[i];
+          t1 += g_max_hw[i] * hv[i];
+        }
+        sum_0[k] += t0;
+        sum_1[k] += t1;
       }
-      if (g_max_hw) {
-        t0 += g_max_hw[i];
-        t1 += g_max_hw[i] * hv[i];
-      }
-      sum_0[k] += t0;
-      sum_1[k] += t1;
     }
     // training: grad_b = w * invstd * (g - mean(g) - xhat * mean(g * xhat)); eval: w * invstd * g
     const Tensor bw = vec(block_w, acc);
@@ -1201,10 +1233,11 @@ std::vector<Tensor> backward_train(
         k3[k] = -o_k1[k] * sum_0[k] / count - o_k2[k] * mean_c[k];
       }
     }
-    for (int64_t i = 0; i < n * c; ++i) {
-      const int64_t k = i % c;
-      sc[i] = o_k1[k] * m[i];
-      sh[i] = o_k1[k] * sh[i] + k3[k];
+    for (int64_t row = 0; row < n * c; row += c) {
+      for (int64_t k = 0, i = row; k < c; ++k, ++i) {
+        sc[i] = o_k1[k] * m[i];
+        sh[i] = o_k1[k] * sh[i] + k3[k];
+      }
     }
   });
   Tensor grad = grad_input(g_y, x, ms, g_mean, scale, k2, shift);
