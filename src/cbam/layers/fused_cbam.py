@@ -17,12 +17,12 @@ function here computes the same values and gradients, but
 The small parts (the shared MLP, the k x k conv, BatchNorm2d(1), the sigmoids) run the same
 ATen ops as the reference, running statistics included.
 
-On CPU, for the paper's variant, the full-size passes and the k x k conv run as compiled
-kernels instead (`native_cbam.py`, `_native_forward` / `_native_backward` below): three reads
-of the map in the forward, two in the backward, the BatchNorm output never written; under
-`torch.compile` as torch ops, where autograd records the call (`_native_applies`). Elsewhere
-(other variants, CUDA, no compiler) the ATen implementation (`_gates` / `_gates_backward`)
-runs.
+On CPU, for the paper's variant, the forward and the backward are one call each into compiled
+kernels instead (`native_cbam.py`; `_native_forward` / `_native_backward` below): three reads
+of the map in the forward, two in the backward, the BatchNorm output never written, the small
+per-channel steps as C++ loops; under `torch.compile` as two torch ops, where autograd records
+the call (`_native_applies`). Elsewhere (other variants, CUDA, no compiler) the ATen
+implementation (`_gates` / `_gates_backward`) runs: the same math as separate ATen ops.
 
 One deliberate difference: where a max pool has several equal maxima, the reference splits the
 gradient evenly between them (the derivative of `amax`), while the fused path gives it all to

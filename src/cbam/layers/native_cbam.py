@@ -7,11 +7,13 @@ cached under ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR). Where they can
 
 They cover the paper's variant on CPU (avg and/or max pooling, channel pooling, channel then
 spatial) in float32, float64, bfloat16 and float16, NCHW and channels_last. Under
-`torch.compile` (in training; see `fused_cbam._native_applies`) they run as torch ops
-(`cbam::hw_stats`, ...): a graph cannot call a pybind function, but it can call a registered
-op, whose fake implementation gives its outputs' shapes without running it. Eager calls go to
-the extension directly (an op's dispatch costs ~10 us). The one-call eval forward
-(`forward_eval`) has no op: compiled inference runs the ATen path, which Inductor fuses.
+`torch.compile` (in training; see `fused_cbam._native_applies`) the training forward and
+backward run as two torch ops, `cbam::forward_train` (which updates the BatchNorms' running
+statistics, declared as mutated arguments) and `cbam::backward_train`: a graph cannot call a
+pybind function, but it can call a registered op, whose fake implementation gives its outputs'
+sizes, dtypes and strides without running it. Eager calls go to the extension directly (an
+op's dispatch costs ~10 us). The eval forward (`forward_eval`) has no op: compiled inference
+runs the ATen path, which Inductor fuses.
 """
 
 from __future__ import annotations

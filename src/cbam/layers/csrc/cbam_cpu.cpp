@@ -2,14 +2,16 @@
 // channel then spatial). Each kernel is one pass over the feature map, in NCHW or
 // channels_last, so a residual block's tail reads the conv output three times in the forward
 // (statistics and H x W pools; channel pools; gates + residual + ReLU) and three times in the
-// backward, where the separate ATen ops read or write it about twenty times.
+// backward (two passes and one product), where the separate ATen ops read or write it about
+// twenty times.
 //
 // In a block the map is the block's conv output `b` and the kernels apply the block's
 // BatchNorm on the fly as x = alpha[c] * b + beta[c]; outside a block alpha and beta are None
-// and x = b. Arithmetic is in float (double for double inputs). For training, the small
-// parts (MLP, sigmoids, BatchNorm statistics) stay in ATen, called from fused_cbam.py (which
-// also has the math of the backward), except the spatial gate's k x k conv and its backward,
-// which are direct loops here; in eval mode `forward_eval` runs the whole forward in one call.
+// and x = b. Arithmetic is in float (double for double inputs). The entry points run a whole
+// forward or backward in one call (`forward_eval`; `forward_train` and `backward_train`,
+// which fused_cbam.py calls from its autograd function): the passes below, the MLP's products
+// and the spatial BatchNorm in ATen, the spatial gate's k x k conv and every per-channel or
+// per-(n, c) step as plain loops. fused_cbam.py has the same math as separate ATen ops.
 //
 // Reductions along the contiguous axis keep kLanes partial results (sums, or max/min with
 // their indices) in GCC vector types: one accumulator per lane, combined at the end as a
@@ -234,21 +236,22 @@ ROW stats_slice(const scalar_t* __restrict__ q, int64_t hw, acc_t* __restrict__ 
   }
 }
 
-// The same statistics for every channel of one sample (channels_last: rows of C).
+// The same statistics for `count` channels of one sample, channels_last: position i's values
+// are at q + i * stride (scalar running values per channel; the channels kLanes cannot fill).
 template <typename scalar_t, typename acc_t, bool Index, bool Var>
-ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* __restrict__ mean,
-                 acc_t* __restrict__ m2, acc_t* __restrict__ hi, int32_t* __restrict__ hi_at,
-                 acc_t* __restrict__ lo, int32_t* __restrict__ lo_at) {
-  for (int64_t k = 0; k < c; ++k) {
+ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t stride, int64_t count,
+                 acc_t* __restrict__ mean, acc_t* __restrict__ m2, acc_t* __restrict__ hi,
+                 int32_t* __restrict__ hi_at, acc_t* __restrict__ lo, int32_t* __restrict__ lo_at) {
+  for (int64_t k = 0; k < count; ++k) {
     mean[k] = 0;
     hi[k] = lo[k] = q[k];
     if constexpr (Var) m2[k] = 0;
     if constexpr (Index) hi_at[k] = lo_at[k] = 0;
   }
   for (int64_t i = 0; i < hw; ++i) {
-    const scalar_t* __restrict__ r = q + i * c;
+    const scalar_t* __restrict__ r = q + i * stride;
     const int32_t ii = int32_t(i);
-    for (int64_t k = 0; k < c; ++k) {
+    for (int64_t k = 0; k < count; ++k) {
       const acc_t v = r[k];
       mean[k] += v;
       const bool higher = v > hi[k], lower = v < lo[k];
@@ -260,14 +263,58 @@ ROW stats_sample(const scalar_t* __restrict__ q, int64_t hw, int64_t c, acc_t* _
       }
     }
   }
-  for (int64_t k = 0; k < c; ++k) mean[k] /= hw;
+  for (int64_t k = 0; k < count; ++k) mean[k] /= hw;
   if constexpr (!Var) return;
   for (int64_t i = 0; i < hw; ++i) {
-    const scalar_t* __restrict__ r = q + i * c;
-    for (int64_t k = 0; k < c; ++k) {
+    const scalar_t* __restrict__ r = q + i * stride;
+    for (int64_t k = 0; k < count; ++k) {
       const acc_t d = acc_t(r[k]) - mean[k];
       m2[k] += d * d;
     }
+  }
+}
+
+// stats_sample for kLanes channels, their running values in registers: one cache line per
+// position, and the variance's second loop reads the same hw x kLanes values, now in L1 or
+// L2 (a whole sample's rows would come from L3 again).
+template <typename scalar_t, typename acc_t, bool Index, bool Var>
+ROW stats_lanes(const scalar_t* __restrict__ q, int64_t hw, int64_t stride,
+                acc_t* __restrict__ mean, acc_t* __restrict__ m2, acc_t* __restrict__ hi,
+                int32_t* __restrict__ hi_at, acc_t* __restrict__ lo, int32_t* __restrict__ lo_at) {
+  using V = typename Lanes<acc_t>::type;
+  using I = typename Lanes<acc_t>::index;
+  using index_t = decltype(I{}[0] + 0);
+  V sum = splat<acc_t>(0), top = load<V>(q), low = top;
+  I top_at = I{}, low_at = I{};
+  for (int64_t i = 0; i < hw; ++i) {
+    const V v = load<V>(q + i * stride);
+    sum += v;
+    const I higher = v > top, lower = v < low;
+    top = higher ? v : top;
+    low = lower ? v : low;
+    if constexpr (Index) {
+      const I at = I{} + index_t(i);
+      top_at = higher ? at : top_at;
+      low_at = lower ? at : low_at;
+    }
+  }
+  const V mu = sum / acc_t(hw);
+  store(mean, mu);
+  store(hi, top);
+  store(lo, low);
+  if constexpr (Index) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      hi_at[j] = int32_t(top_at[j]);
+      lo_at[j] = int32_t(low_at[j]);
+    }
+  }
+  if constexpr (Var) {
+    V d2 = splat<acc_t>(0);
+    for (int64_t i = 0; i < hw; ++i) {
+      const V d = load<V>(q + i * stride) - mu;
+      d2 += d * d;
+    }
+    store(m2, d2);
   }
 }
 
@@ -471,12 +518,24 @@ std::vector<Tensor> hw_stats(const Tensor& x, bool with_index, bool with_varianc
     int32_t *o_top_at = top_at.data_ptr<int32_t>(), *o_low_at = low_at.data_ptr<int32_t>();
     with_flags([&](auto index_, auto var_) {
       if (cl) {
-        at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t b = begin; b < end; ++b) {
-            const int64_t r = b * c;
-            stats_sample<scalar_t, acc_t, index_, var_>(p + b * hw * c, hw, c, o_mean + r,
-                                                        o_m2 + r, o_top + r, o_top_at + r,
-                                                        o_low + r, o_low_at + r);
+        // A task: kLanes channels of one sample (the last: the rest, one by one); without
+        // indices or variance, whole samples: their running values in L1 cost less there
+        // than kLanes-wide columns of a sample's rows.
+        const int64_t lanes = index_ || var_ ? kLanes : c;
+        const int64_t chunks = c / lanes + (c % lanes ? 1 : 0);
+        at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t b = task / chunks, k0 = (task % chunks) * lanes, r = b * c + k0;
+            const scalar_t* q = p + b * hw * c + k0;
+            if (lanes == kLanes && k0 + kLanes <= c) {
+              stats_lanes<scalar_t, acc_t, index_, var_>(q, hw, c, o_mean + r, o_m2 + r,
+                                                         o_top + r, o_top_at + r, o_low + r,
+                                                         o_low_at + r);
+            } else {
+              stats_sample<scalar_t, acc_t, index_, var_>(q, hw, c, c - k0, o_mean + r,
+                                                          o_m2 + r, o_top + r, o_top_at + r,
+                                                          o_low + r, o_low_at + r);
+            }
           }
         });
       } else {
