@@ -186,6 +186,27 @@ def test_the_fused_layer_and_block_run_the_kernels(kernels, monkeypatch):
     assert calls == ["forward_train"]
 
 
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("block", [False, True], ids=["module", "block"])
+def test_a_forward_without_grad_on_batch_statistics_equals_the_reference(
+    kernels, block, memory_format
+):
+    """No autograd, BatchNorms in training mode (as when recalibrating their statistics): the
+    training forward runs for its batch statistics, and updates the running ones as the
+    reference does."""
+    torch.manual_seed(0)
+    model = Bottleneck(32, 8, attention=CBAM) if block else CBAM(32)
+    model = randomise(model).train().to(memory_format=memory_format)
+    reference = copy.deepcopy(model)
+    set_cbam_impl(reference, "reference")
+    x = layout(torch.randn(3, 32, 7, 9), memory_format)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    for (name, got), expected in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 EVAL_VARIANTS = [{}, {"pool_types": ("max",)}, {"pool_types": ("max", "avg")},
                  {"pool_types": ("avg",), "kernel_size": 3, "reduction": 4}]  # fmt: skip
 

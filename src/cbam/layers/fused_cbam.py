@@ -471,8 +471,8 @@ def _batch_norm_backward_terms(
 def _native_applies(x: torch.Tensor, p: dict[str, Any], autograd: bool) -> bool:
     """The CPU kernels run where they apply, unless the (opt-in) Triton kernels do. Under
     torch.compile only with autograd: without it Inductor fuses the ATen path's passes into
-    its own loops, and that beat the kernels (compiled ResNet-50 inference 1.11x plain, 1.17x
-    with the kernels), while with it the kernels win (training 1.11x vs 1.13x)."""
+    its own loops, and that beat the kernels' eval forward (compiled ResNet-50 inference 1.11x
+    plain, 1.17x with the kernels), while with it the kernels win (training 1.08x vs 1.13x)."""
     if not autograd and torch.compiler.is_compiling():
         return False
     return native_cbam.applies(x, p) and not _triton_applies(x, p)
