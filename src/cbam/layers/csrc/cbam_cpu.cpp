@@ -599,8 +599,9 @@ std::pair<Tensor, Tensor> pool_over_channels(const Tensor& x, const Opt& alpha_i
   return {pooled, index};
 }
 
-// The channel pools as the ATen path uses them ([max, mean] in x's dtype) and the int32
-// indices (int64 only where the backward scatters: half the bytes kept until then).
+// The channel pools as the spatial conv takes them ([max, mean] in x's dtype) and the max's
+// channel per position (int32: half the bytes of ATen's int64 indices, kept until the
+// backward).
 std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha, const Opt& beta,
                                  const Tensor& mc, bool with_index) {
   auto [pooled, index] = pool_over_channels(x, alpha, beta, mc, with_index);
@@ -1011,8 +1012,8 @@ std::vector<Tensor> forward_train(
   }
   auto [top, idx_hw] = hw_max(stats, alpha, true);
   auto [mc, hidden] = channel_gate(pooled_vectors(means, top, alpha, beta, pools), w1, b1, w2, b2);
-  auto [pooled, idx_c] = pool_over_channels(x, alpha, beta, mc, true);
-  const Tensor compressed = pooled.to(x.scalar_type());
+  const std::vector<Tensor> pooled = channel_pool(x, alpha, beta, mc, true);
+  const Tensor &compressed = pooled[0], &idx_c = pooled[1];
   const Tensor s = spatial_conv(compressed, conv_w, padding);
   const Tensor ms = at::batch_norm(s, spatial_w, spatial_b, spatial_rm, spatial_rv, spatial_batch,
                                    spatial_momentum, spatial_eps, false).sigmoid_();
