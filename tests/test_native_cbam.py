@@ -297,9 +297,27 @@ def test_the_torch_ops_and_their_fakes_agree_with_the_kernels(kernels, block, ba
 
 
 def test_the_ops_reject_bad_calls(kernels, monkeypatch):
-    args = op_arguments(kernels, torch.contiguous_format, True, True)["forward_train"]
+    calls = op_arguments(kernels, torch.contiguous_format, True, True)
+    args, back = calls["forward_train"], list(calls["backward_train"])
     with pytest.raises(RuntimeError, match="the map must be N x C x H x W, got 2 dims"):
         torch.ops.cbam.forward_train(torch.randn(3, 4), *args[1:])
+    with pytest.raises(RuntimeError, match=r"a map passed with the input must have its size"):
+        torch.ops.cbam.forward_train(args[0], args[1][:, :-1], *args[2:])  # the identity
+    with pytest.raises(RuntimeError, match="block BatchNorm's weight must have 19 elements"):
+        torch.ops.cbam.forward_train(*args[:2], torch.randn(18), *args[3:])
+    bad_grad = [torch.randn(2, 19, 5, 5), *back[1:]]
+    with pytest.raises(RuntimeError, match=r"a map passed with the input must have its size"):
+        torch.ops.cbam.backward_train(*bad_grad)
+    with pytest.raises(RuntimeError, match="mc must have 38 elements"):
+        torch.ops.cbam.backward_train(*back[:3], back[3][:1], *back[4:])
+    for at, index, message in [
+        (8, 19, "idx_c holds channel 19"),
+        (9, 30, "idx_hw holds position 30"),
+    ]:
+        wrong = back[at].clone()
+        wrong.view(-1)[0] = index  # one past the last channel / position
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.cbam.backward_train(*back[:at], wrong, *back[at + 1 :])
     monkeypatch.setattr(native_cbam, "_module", None)
     monkeypatch.setattr(native_cbam, "_failed", True)  # as after a failed build
     with pytest.raises(RuntimeError, match=r"could not be built.*Install g\+\+ and ninja"):

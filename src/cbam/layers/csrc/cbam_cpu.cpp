@@ -67,6 +67,8 @@ void check_map(const Tensor& x) {
 // A full-size tensor laid out like `like` (NCHW or channels_last), in its dtype. (The checks
 // first: each ATen call costs microseconds, and these run ~20 times per block.)
 Tensor in_layout(const Tensor& t, const Tensor& like) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "a map passed with the input must have its size ",
+              like.sizes(), ", got ", t.sizes());
   const auto format = channels_last(like) ? at::MemoryFormat::ChannelsLast
                                           : at::MemoryFormat::Contiguous;
   if (t.scalar_type() == like.scalar_type() && t.is_contiguous(format)) return t;
@@ -80,6 +82,22 @@ Tensor vec(const Tensor& t, at::ScalarType acc) {
 }
 Tensor vec(const Opt& t, at::ScalarType acc) {
   return t.has_value() && t->defined() ? vec(*t, acc) : Tensor();
+}
+
+// A small tensor the kernels index by position: its element count checked (None passes).
+void check_numel(const Opt& t, int64_t numel, const char* what) {
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK(t->numel() == numel, what, " must have ", numel, " elements for this map, got ",
+                t->sizes());
+  }
+}
+
+// The block BatchNorm's per-channel tensors, C each.
+void check_block(const Opt& w, const Opt& b, const Opt& rm, const Opt& rv, int64_t c) {
+  check_numel(w, c, "the block BatchNorm's weight");
+  check_numel(b, c, "the block BatchNorm's bias");
+  check_numel(rm, c, "the block BatchNorm's running mean");
+  check_numel(rv, c, "the block BatchNorm's running var");
 }
 
 template <typename T>
@@ -929,6 +947,7 @@ Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, co
                     const Opt& spatial_w, const Opt& spatial_b, const Tensor& spatial_rm,
                     const Tensor& spatial_rv, double spatial_eps, bool in_place) {
   check_map(x);
+  check_block(block_w, block_b, block_rm, block_rv, x.size(1));
   const std::vector<std::string> pools = split_pools(pool_names);
   const at::ScalarType acc = acc_type(x);
   const std::vector<Tensor> stats = hw_stats(x, false, false);
@@ -971,6 +990,7 @@ std::vector<Tensor> forward_train(
     const Opt& spatial_w, const Opt& spatial_b, const Opt& spatial_rm, const Opt& spatial_rv,
     bool spatial_batch, double spatial_momentum, double spatial_eps) {
   check_map(x);
+  check_block(block_w, block_b, block_rm, block_rv, x.size(1));
   const std::vector<std::string> pools = split_pools(pool_names);
   const bool block = identity.has_value();
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
@@ -1019,8 +1039,8 @@ std::vector<Tensor> forward_train(
                                    spatial_momentum, spatial_eps, false).sigmoid_();
   const Tensor spatial_stats = spatial_batch ? at::empty({0}, s.options())
                                              : at::cat({*spatial_rm, *spatial_rv});
-  const bool with_max = std::find(pools.begin(), pools.end(), "max") != pools.end();
-  if (!with_max) idx_hw = at::empty({0, c}, idx_hw.options());
+  const bool max_pool = std::find(pools.begin(), pools.end(), "max") != pools.end();
+  if (!max_pool) idx_hw = at::empty({0, c}, idx_hw.options());
   const Tensor out = gate(x, alpha, beta, mc, ms, identity, false);
   return {out, mc, hidden, ms, compressed, s, idx_c, idx_hw, spatial_stats, means, block_stats};
 }
@@ -1158,6 +1178,16 @@ std::vector<Tensor> backward_train(
   const bool block = out.has_value(), cl = channels_last(x);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
   const int64_t npools = int64_t(pools.size());
+  const bool max_pool = std::find(pools.begin(), pools.end(), "max") != pools.end();
+  check_numel(mc, n * c, "mc");
+  check_numel(ms, n * hw, "ms");
+  check_numel(s, n * hw, "s");
+  check_numel(idx_c_in, n * hw, "idx_c");
+  check_numel(idx_hw_in, max_pool ? n * c : 0, "idx_hw");
+  check_numel(means_in, n * c, "means");
+  check_numel(block_stats, block ? 2 * c : 0, "block_stats");
+  check_numel(spatial_stats, spatial_batch ? 0 : 2, "spatial_stats");
+  check_block(block_w, block_b, std::nullopt, std::nullopt, c);
   const at::ScalarType acc = acc_type(x);
   const auto fopt = x.options().dtype(acc);
   Tensor alpha, beta, mean, invstd;
@@ -1191,11 +1221,10 @@ std::vector<Tensor> backward_train(
   // per (n, c): u0, u1 = the sums over H x W of g_u and of g_u * b; the values of b at the
   // H x W argmax
   const Tensor idx_c = idx_c_in.contiguous(), idx_hw = idx_hw_in.contiguous();
-  const bool with_max = idx_hw.size(0) > 0;
   const Tensor base_dot = at::bmm(g_mean.to(x.scalar_type()).view({n, 1, hw}),
                                   x.flatten(2).transpose(1, 2));  // sum over HW of b * g_mean
   Tensor u0 = reduced[2].clone(), u1 = reduced[3] + base_dot.view({n, c});
-  Tensor at_hw = at::empty({with_max ? n : 0, c}, fopt);
+  Tensor at_hw = at::empty({max_pool ? n : 0, c}, fopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_sums", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     const scalar_t* p = x.const_data_ptr<scalar_t>();
@@ -1211,11 +1240,14 @@ std::vector<Tensor> backward_train(
         for (int64_t k = 0; k < c; ++k) o0[b * c + k] += g_mean_total;
         for (int64_t i = 0; i < hw; ++i) {  // the channel max's grad goes to its argmax
           const int64_t k = ic[b * hw + i];
+          TORCH_CHECK(k >= 0 && k < c, "idx_c holds channel ", k, ", outside 0..", c - 1);
           o0[b * c + k] += g_max[i];
           o1[b * c + k] += g_max[i] * acc_t(p[at_(cl, b, k, i, c, hw)]);
         }
-        if (with_max) {
-          for (int64_t k = 0; k < c; ++k) o_hw[b * c + k] = p[at_(cl, b, k, ih[b * c + k], c, hw)];
+        for (int64_t k = 0; max_pool && k < c; ++k) {
+          const int64_t i = ih[b * c + k];
+          TORCH_CHECK(i >= 0 && i < hw, "idx_hw holds position ", i, ", outside 0..", hw - 1);
+          o_hw[b * c + k] = p[at_(cl, b, k, i, c, hw)];
         }
       }
     });
@@ -1224,8 +1256,8 @@ std::vector<Tensor> backward_train(
   // the MLP: its input rebuilt as the forward built it, then its backward (fused_cbam.py's
   // _mlp_backward); g_mc = the sum over H x W of g_u * x
   const Tensor g_mc = block ? u1 * alpha + u0 * beta : u1;
-  const Tensor pooled = pooled_vectors(vec(means_in, acc), at_hw, alpha, beta, pools)
-                            .to(w1.scalar_type());
+  const Tensor means = vec(means_in, acc);
+  const Tensor pooled = pooled_vectors(means, at_hw, alpha, beta, pools).to(w1.scalar_type());
   const Tensor g_logits = at::sigmoid_backward(g_mc.to(mc.scalar_type()), mc);
   const Tensor g_w2 = g_logits.t().mm(hidden.sum(0));
   const Tensor g_b2 = b2 ? g_logits.sum(0) * double(npools) : Tensor();
@@ -1240,13 +1272,13 @@ std::vector<Tensor> backward_train(
   const int64_t max_at = std::find(pools.begin(), pools.end(), "max") - pools.begin();
   Tensor scale = at::empty({n, c}, fopt), shift = at::empty({n, c}, fopt), k1, k2;
   Tensor g_block_w, g_block_b;
-  const Tensor means = vec(means_in, acc), mc_acc = vec(mc, acc);
+  const Tensor mc_acc = vec(mc, acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "grad_terms", [&] {
     const scalar_t *m = mc_acc.const_data_ptr<scalar_t>(), *gp = g_pooled.const_data_ptr<scalar_t>();
     const scalar_t *o0 = u0.const_data_ptr<scalar_t>(), *o1 = u1.const_data_ptr<scalar_t>();
     const scalar_t *mu = means.const_data_ptr<scalar_t>(), *hv = at_hw.const_data_ptr<scalar_t>();
     const scalar_t* g_avg = avg_at < npools ? gp + avg_at * n * c : nullptr;
-    const scalar_t* g_max_hw = with_max ? gp + max_at * n * c : nullptr;
+    const scalar_t* g_max_hw = max_pool ? gp + max_at * n * c : nullptr;
     scalar_t *sc = scale.data_ptr<scalar_t>(), *sh = shift.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n * c; ++i) {
       sc[i] = m[i];
@@ -1305,7 +1337,7 @@ std::vector<Tensor> backward_train(
     using acc_t = typename Acc<scalar_t>::type;
     scalar_t* o = grad.data_ptr<scalar_t>();
     const acc_t *gc = g_compressed.const_data_ptr<acc_t>(), *sc = scale.const_data_ptr<acc_t>();
-    const acc_t* g_max_hw = with_max ? g_pooled.const_data_ptr<acc_t>() + max_at * n * c : nullptr;
+    const acc_t* g_max_hw = max_pool ? g_pooled.const_data_ptr<acc_t>() + max_at * n * c : nullptr;
     const acc_t* k1v = ptr<acc_t>(k1);
     const int32_t *ic = idx_c.const_data_ptr<int32_t>(), *ih = idx_hw.const_data_ptr<int32_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
