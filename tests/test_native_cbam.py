@@ -140,7 +140,9 @@ def test_backward_passes(kernels, shape, memory_format, with_affine):
 
 
 @pytest.mark.parametrize("kernel_size", [3, 7])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 3), (3, 5, 9), (2, 28, 28)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (2, 2, 3), (3, 5, 9), (1, 3, 16), (2, 4, 17), (2, 28, 28)], ids=str
+)
 def test_the_spatial_conv_and_its_backward_equal_atens(kernels, shape, kernel_size):
     n, h, w = shape
     pad = kernel_size // 2
@@ -158,6 +160,8 @@ def test_the_spatial_conv_and_its_backward_equal_atens(kernels, shape, kernel_si
         kernels.spatial_conv_backward(g_s[:, :, :, :0], x.detach(), weight.detach(), pad)
     with pytest.raises(RuntimeError, match="input must be N x 2 x H x W"):
         kernels.spatial_conv(x.detach()[:, :1], weight.detach(), pad)
+    with pytest.raises(RuntimeError, match=f"padding must be .* = {pad}, got {pad + 1}"):
+        kernels.spatial_conv(x.detach(), weight.detach(), pad + 1)
     # float32 input and weight: results in their dtypes
     out = kernels.spatial_conv(x.detach().float(), weight.detach().float(), pad)
     assert out.dtype == torch.float32

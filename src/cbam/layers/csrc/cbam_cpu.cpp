@@ -627,81 +627,117 @@ std::vector<Tensor> channel_pool(const Tensor& x, const Opt& alpha, const Opt& b
 }
 
 // --------------------------------------------------------------------------- spatial conv
-// The spatial gate's k x k conv (2 -> 1 channels, stride 1, zero padding) and its backward,
-// direct: a conv this small costs oneDNN ~100-200 us of set-up per call, three calls per
-// block and training step, far more than its arithmetic.
+// The spatial gate's k x k conv (2 -> 1 channels, stride 1, "same" zero padding) and its
+// backward, direct: a conv this small costs oneDNN ~100-200 us of set-up per call, three calls
+// per block and training step, far more than its arithmetic. The maps are first copied with
+// a zero border (`bordered`), so every product is a kLanes-wide load with no bounds to check:
+// with per-row bounds the rows' short loops ran mostly scalar (28 x 28 maps at 6 GMAC/s).
 
-// One output map from `cin` input maps of one sample: out[y, x] = (sum over ci, ky, kx of
-// kernel[ci, ky, kx] * in[ci, y + ky - pad, x + kx - pad]) * scale + shift; rows vectorise
-// along W.
-template <typename acc_t>
-ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, int64_t h, int64_t w,
-                 const acc_t* __restrict__ kernel, int64_t k, int64_t pad, acc_t scale,
-                 acc_t shift, acc_t* __restrict__ out) {
-  for (int64_t y = 0; y < h; ++y) {
-    acc_t* __restrict__ row = out + y * w;
-    for (int64_t x = 0; x < w; ++x) row[x] = 0;
-    for (int64_t ci = 0; ci < cin; ++ci) {
-      for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t iy = y + ky - pad;
-        if (iy < 0 || iy >= h) continue;
-        const acc_t* __restrict__ source = in + (ci * h + iy) * w;
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const acc_t weight = kernel[(ci * k + ky) * k + kx];
-          const int64_t dx = kx - pad;
-          const int64_t begin = std::max<int64_t>(0, -dx), end = std::min(w, w - dx);
-          for (int64_t x = begin; x < end; ++x) row[x] += weight * source[x + dx];
-        }
+// `maps` h x w maps as rows of `width` values with k - 1 zero rows and columns around them
+// (pad before, the rest after) and zeros up to `width`: a row of output positions x0..x0 +
+// kLanes - 1 reads x0 + kx for each kx < k, all within the row.
+struct Bordered {
+  Tensor data;
+  int64_t rows, width;
+};
+
+int64_t lane_chunks(int64_t w) { return (w + kLanes - 1) / kLanes; }
+
+// (Plain loops: zeros, narrow and copy_ cost ~23 us per call in the model, 5x the conv.)
+Bordered bordered(const Tensor& maps_in, int64_t k, int64_t pad, at::ScalarType acc) {
+  const Tensor maps = maps_in.to(acc).contiguous();
+  const int64_t count = maps.size(0) * maps.size(1), h = maps.size(2), w = maps.size(3);
+  const int64_t rows = h + k - 1, width = lane_chunks(w) * kLanes + k - 1;
+  Tensor data = at::empty({count, rows, width}, maps.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "bordered", [&] {
+    const scalar_t* m = maps.const_data_ptr<scalar_t>();
+    scalar_t* d = data.data_ptr<scalar_t>();
+    std::fill(d, d + count * rows * width, scalar_t(0));
+    for (int64_t map = 0; map < count; ++map) {
+      for (int64_t y = 0; y < h; ++y) {
+        std::copy(m + (map * h + y) * w, m + (map * h + y + 1) * w,
+                  d + (map * rows + y + pad) * width + pad);
       }
     }
-    for (int64_t x = 0; x < w; ++x) row[x] = row[x] * scale + shift;
-  }
+  });
+  return {data, rows, width};
 }
 
-// The weight's grad for one input map and one kernel row ky, as k partial rows of W sums:
-// sums[kx, x] += g[y, x] * in[y + ky - pad, x + kx - pad] over every y (summed over x later:
-// elementwise, it vectorises).
+// One output map from `cin` bordered input maps: out[y, x] = (sum over ci, ky, kx of
+// kernel[ci, ky, kx] * in[ci, y + ky, x + kx]) * scale + shift, kLanes positions at a time.
 template <typename acc_t>
-ROW weight_grad_rows(const acc_t* __restrict__ g, const acc_t* __restrict__ in, int64_t h,
-                     int64_t w, int64_t k, int64_t ky, int64_t pad, acc_t* __restrict__ sums) {
+ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, const Bordered& b, int64_t h,
+                 int64_t w, const acc_t* __restrict__ kernel, int64_t k, acc_t scale,
+                 acc_t shift, acc_t* __restrict__ out) {
+  using V = typename Lanes<acc_t>::type;
   for (int64_t y = 0; y < h; ++y) {
-    const int64_t iy = y + ky - pad;
-    if (iy < 0 || iy >= h) continue;
-    const acc_t *__restrict__ g_row = g + y * w, *__restrict__ source = in + iy * w;
-    for (int64_t kx = 0; kx < k; ++kx) {
-      const int64_t dx = kx - pad;
-      const int64_t begin = std::max<int64_t>(0, -dx), end = std::min(w, w - dx);
-      acc_t* __restrict__ row = sums + kx * w;
-      for (int64_t x = begin; x < end; ++x) row[x] += g_row[x] * source[x + dx];
+    for (int64_t x0 = 0; x0 < w; x0 += kLanes) {
+      V sum = splat<acc_t>(0);
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const acc_t* __restrict__ row = in + (ci * b.rows + y + ky) * b.width + x0;
+          const acc_t* __restrict__ weights = kernel + (ci * k + ky) * k;
+          for (int64_t kx = 0; kx < k; ++kx) sum += splat<acc_t>(weights[kx]) * load<V>(row + kx);
+        }
+      }
+      sum = sum * scale + shift;
+      acc_t* __restrict__ o = out + y * w + x0;
+      if (x0 + kLanes <= w) {
+        store(o, sum);
+      } else {
+        for (int64_t j = 0; j < w - x0; ++j) o[j] = sum[j];
+      }
     }
   }
 }
 
-void check_spatial_conv(const Tensor& input, const Tensor& weight) {
+// One weight's grad, kernel[ci, ky, kx]: the sum over samples and positions of g[y, x] *
+// in[ci, y + ky, x + kx], both bordered (g's border is `pad` wide: its zeros past w keep the
+// lanes beyond the map out of the sum).
+template <typename acc_t>
+acc_t weight_grad(const acc_t* __restrict__ g, const acc_t* __restrict__ in, const Bordered& gb,
+                  const Bordered& ib, int64_t n, int64_t h, int64_t w, int64_t pad, int64_t ci,
+                  int64_t ky, int64_t kx) {
+  using V = typename Lanes<acc_t>::type;
+  V sum = splat<acc_t>(0);
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t y = 0; y < h; ++y) {
+      const acc_t* __restrict__ g_row = g + (s * gb.rows + y + pad) * gb.width + pad;
+      const acc_t* __restrict__ row = in + ((s * 2 + ci) * ib.rows + y + ky) * ib.width + kx;
+      for (int64_t x0 = 0; x0 < w; x0 += kLanes) sum += load<V>(g_row + x0) * load<V>(row + x0);
+    }
+  }
+  return lane_total<acc_t>(sum);
+}
+
+void check_spatial_conv(const Tensor& input, const Tensor& weight, int64_t padding) {
   TORCH_CHECK(input.dim() == 4 && input.size(1) == 2, "the spatial conv's input must be N x 2 x H x W");
   TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(),
               "the spatial conv's input and kernel must be CPU tensors");
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2 &&
-                  weight.size(2) == weight.size(3),
-              "the spatial gate's kernel must be 1 x 2 x k x k");
+                  weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              "the spatial gate's kernel must be 1 x 2 x k x k with k odd");
+  TORCH_CHECK(2 * padding + 1 == weight.size(2), "the spatial conv keeps the map's size: padding ",
+              "must be (k - 1) / 2 = ", (weight.size(2) - 1) / 2, ", got ", padding);
 }
 
 // N x 1 x H x W: conv(input) * scale + shift, in input's dtype (arithmetic in float or double).
 Tensor conv_maps(const Tensor& input, const Tensor& weight, int64_t padding, double scale,
                  double shift) {
-  check_spatial_conv(input, weight);
+  check_spatial_conv(input, weight, padding);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3), k = weight.size(3);
   const at::ScalarType acc = acc_type(input);
-  const Tensor in = vec(input, acc), kernel = vec(weight, acc);
-  Tensor out = at::empty({n, 1, h, w}, in.options());
+  const Tensor kernel = vec(weight, acc);
+  const Bordered in = bordered(input, k, padding, acc);
+  Tensor out = at::empty({n, 1, h, w}, input.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "spatial_conv", [&] {
-    const scalar_t *p = in.const_data_ptr<scalar_t>(), *kw = kernel.const_data_ptr<scalar_t>();
+    const scalar_t *p = in.data.const_data_ptr<scalar_t>(), *kw = kernel.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 1024 / (h * w));  // small maps: one thread
+    const int64_t grain = std::max<int64_t>(1, 4096 / (h * w));  // small maps: one thread
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        conv_one_map<scalar_t>(p + b * 2 * h * w, 2, h, w, kw, k, padding, scalar_t(scale),
-                               scalar_t(shift), o + b * h * w);
+      for (int64_t s = begin; s < end; ++s) {
+        conv_one_map<scalar_t>(p + s * 2 * in.rows * in.width, 2, in, h, w, kw, k,
+                               scalar_t(scale), scalar_t(shift), o + s * h * w);
       }
     });
   });
@@ -716,41 +752,38 @@ Tensor spatial_conv(const Tensor& input, const Tensor& weight, int64_t padding) 
 // k, weight's dtype) from the grad of its output g_s (N x 1 x H x W).
 std::vector<Tensor> spatial_conv_backward(const Tensor& g_s_in, const Tensor& input,
                                           const Tensor& weight, int64_t padding) {
-  check_spatial_conv(input, weight);
+  check_spatial_conv(input, weight, padding);
   const int64_t n = input.size(0), h = input.size(2), w = input.size(3), k = weight.size(3);
   TORCH_CHECK(g_s_in.sizes() == at::IntArrayRef({n, 1, h, w}),
               "the spatial conv's output grad must be N x 1 x H x W like its output, got ",
               g_s_in.sizes());
   const at::ScalarType acc = acc_type(input);
-  const Tensor g_s = vec(g_s_in, acc), in = vec(input, acc), kernel = vec(weight, acc);
   // the input's grad: each input map is the output grad convolved with the flipped kernel
-  const Tensor flipped = kernel.flip({2, 3}).contiguous();
-  Tensor g_in = at::empty({n, 2, h, w}, in.options());
-  Tensor sums = at::zeros({2, k, k, w}, in.options());
+  const Tensor flipped = vec(weight, acc).view({2, k, k}).flip({1, 2}).contiguous();
+  const Bordered g = bordered(g_s_in, k, padding, acc), in = bordered(input, k, padding, acc);
+  Tensor g_in = at::empty({n, 2, h, w}, input.options().dtype(acc));
+  Tensor g_weight = at::empty({1, 2, k, k}, g_in.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "spatial_conv_backward", [&] {
-    const scalar_t *g = g_s.const_data_ptr<scalar_t>(), *p = in.const_data_ptr<scalar_t>();
+    const scalar_t *pg = g.data.const_data_ptr<scalar_t>(), *p = in.data.const_data_ptr<scalar_t>();
     const scalar_t* kf = flipped.const_data_ptr<scalar_t>();
-    scalar_t *o = g_in.data_ptr<scalar_t>(), *acc_rows = sums.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 1024 / (h * w));
+    scalar_t *o = g_in.data_ptr<scalar_t>(), *o_w = g_weight.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / (h * w));
     at::parallel_for(0, n * 2, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {  // (sample, input map)
-        const int64_t b = task / 2, ci = task % 2;
-        conv_one_map<scalar_t>(g + b * h * w, 1, h, w, kf + ci * k * k, k, k - 1 - padding,
+        const int64_t s = task / 2, ci = task % 2;
+        conv_one_map<scalar_t>(pg + s * g.rows * g.width, 1, g, h, w, kf + ci * k * k, k,
                                scalar_t(1), scalar_t(0), o + task * h * w);
       }
     });
-    // the weight's grad: one task per (input map, kernel row), each summing over the batch
-    at::parallel_for(0, 2 * k, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t ci = task / k, ky = task % k;
-        for (int64_t b = 0; b < n; ++b) {
-          weight_grad_rows<scalar_t>(g + b * h * w, p + (b * 2 + ci) * h * w, h, w, k, ky,
-                                     padding, acc_rows + task * k * w);
-        }
+    const int64_t weights = 2 * k * k;  // one task each, summing over the batch
+    at::parallel_for(0, weights, n * h * w >= 4096 ? 1 : weights, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        o_w[i] = weight_grad<scalar_t>(pg, p, g, in, n, h, w, padding, i / (k * k),
+                                       (i / k) % k, i % k);
       }
     });
   });
-  return {g_in.to(input.scalar_type()), sums.sum(-1).view({1, 2, k, k}).to(weight.scalar_type())};
+  return {g_in.to(input.scalar_type()), g_weight.to(weight.scalar_type())};
 }
 
 // One value of a 1-element tensor (reading it directly: `item` is an ATen call).
@@ -909,19 +942,97 @@ std::pair<Tensor, Tensor> hw_max(const std::vector<Tensor>& stats, const Tensor&
   return {top, where};
 }
 
+// The MLP's layers: x W^T + bias_scale * b for an R x K x and a J x K W (R: the batch times
+// the pools, 16-64 rows). Written here rather than calling MKL: in the model, the first GEMM
+// of each block cost 35-75 us more than the same call repeated (its code and buffers come
+// back cold after the passes over the map), more than the whole product at stages 1-3.
+// dot_tile: the dot products of up to kTile rows of x with up to kTile rows of W, kLanes
+// columns at a time, each loaded value used kTile times: dots[i * kTile + c] for x's row i
+// and W's row c.
+constexpr int64_t kTile = 4;
+
+template <typename acc_t>
+ROW dot_tile(const acc_t* __restrict__ x, int64_t rows, const acc_t* __restrict__ w,
+             int64_t cols, int64_t k, acc_t* __restrict__ dots) {
+  using V = typename Lanes<acc_t>::type;
+  V sums[kTile][kTile];
+  for (int64_t i = 0; i < kTile; ++i) {
+    for (int64_t c = 0; c < kTile; ++c) sums[i][c] = splat<acc_t>(0);
+  }
+  const int64_t full = k - k % kLanes;
+  for (int64_t k0 = 0; k0 < full; k0 += kLanes) {
+    V xv[kTile], wv[kTile];
+    for (int64_t i = 0; i < kTile; ++i) {
+      xv[i] = i < rows ? load<V>(x + i * k + k0) : splat<acc_t>(0);
+      wv[i] = i < cols ? load<V>(w + i * k + k0) : splat<acc_t>(0);
+    }
+    for (int64_t i = 0; i < kTile; ++i) {
+      for (int64_t c = 0; c < kTile; ++c) sums[i][c] += xv[i] * wv[c];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < cols; ++c) {
+      acc_t total = lane_total<acc_t>(sums[i][c]);
+      for (int64_t kk = full; kk < k; ++kk) total += x[i * k + kk] * w[c * k + kk];
+      dots[i * kTile + c] = total;
+    }
+  }
+}
+
+// R x J in x's dtype: x W^T + bias_scale * b (b may be None); float and double as plain loops,
+// other dtypes through ATen.
+Tensor linear(const Tensor& x_in, const Tensor& w_in, const Opt& b_in, double bias_scale) {
+  const at::ScalarType dtype = w_in.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) {
+    const Tensor x = x_in.to(dtype);
+    return b_in ? at::addmm(*b_in, x, w_in.t(), bias_scale) : at::mm(x, w_in.t());
+  }
+  const Tensor x = x_in.to(dtype).contiguous(), w = w_in.contiguous(), b = vec(b_in, dtype);
+  const int64_t r = x.size(0), k = x.size(1), j = w.size(0);
+  Tensor out = at::empty({r, j}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "linear", [&] {
+    const scalar_t *px = x.const_data_ptr<scalar_t>(), *pw = w.const_data_ptr<scalar_t>();
+    const scalar_t* pb = ptr<scalar_t>(b);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t scale = scalar_t(bias_scale);
+    // a task: kTile rows of W (~128k multiply-adds or more; smaller products stay on one thread)
+    const int64_t tiles = (j + kTile - 1) / kTile;
+    const int64_t per_tile = std::max<int64_t>(1, r * k * kTile);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / per_tile);
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      scalar_t dots[kTile * kTile];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t c0 = tile * kTile, cols = std::min(kTile, j - c0);
+        for (int64_t r0 = 0; r0 < r; r0 += kTile) {
+          const int64_t rows = std::min(kTile, r - r0);
+          dot_tile<scalar_t>(px + r0 * k, rows, pw + c0 * k, cols, k, dots);
+          for (int64_t i = 0; i < rows; ++i) {
+            for (int64_t c = 0; c < cols; ++c) {
+              const scalar_t shift = pb ? scale * pb[c0 + c] : scalar_t(0);
+              o[(r0 + i) * j + c0 + c] = dots[i * kTile + c] + shift;
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // Mc = sigmoid(sum over pools of MLP(pool)), N x C, and the hidden activations after the
 // ReLU (P x N x hidden), in the MLP's dtype. The second layer is linear: applied once to the
-// hidden activations summed over the pools, with P x b2 (addmm's beta), it gives the sum of
-// the P outputs for half the work.
+// hidden activations summed over the pools, with P x b2, it gives the sum of the P outputs for
+// half the work.
 std::pair<Tensor, Tensor> channel_gate(const Tensor& pooled, const Tensor& w1, const Opt& b1,
                                        const Tensor& w2, const Opt& b2) {
-  Tensor hidden = at::linear(pooled.to(w1.scalar_type()), w1, b1);
+  const int64_t npools = pooled.size(0), n = pooled.size(1);
+  Tensor hidden = linear(pooled.flatten(0, 1), w1, b1, 1.0).view({npools, n, -1});
   Tensor summed = at::empty({hidden.size(1), hidden.size(2)}, hidden.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "relu_sum", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* h = hidden.data_ptr<scalar_t>();
     scalar_t* o = summed.data_ptr<scalar_t>();
-    const int64_t size = summed.numel(), npools = hidden.size(0);
+    const int64_t size = summed.numel();
     for (int64_t i = 0; i < size; ++i) {
       acc_t total = 0;
       for (int64_t j = 0; j < npools; ++j) {
@@ -932,7 +1043,7 @@ std::pair<Tensor, Tensor> channel_gate(const Tensor& pooled, const Tensor& w1, c
       o[i] = scalar_t(total);
     }
   });
-  Tensor mc = b2 ? at::addmm(*b2, summed, w2.t(), double(pooled.size(0))) : at::mm(summed, w2.t());
+  Tensor mc = linear(summed, w2, b2, double(npools));
   return {mc.sigmoid_(), hidden};
 }
 
