@@ -965,6 +965,8 @@ ROW dot_tile(const acc_t* __restrict__ x, int64_t rows, const acc_t* __restrict_
     for (int64_t i = 0; i < kTile; ++i) {
       xv[i] = i < rows ? load<V>(x + i * k + k0) : splat<acc_t>(0);
       wv[i] = i < cols ? load<V>(w + i * k + k0) : splat<acc_t>(0);
+      // W comes cold from memory in the model: ask for it 2 KB ahead (its rows are one stream)
+      if (i < cols) __builtin_prefetch(w + i * k + k0 + 2048 / sizeof(acc_t));
     }
     for (int64_t i = 0; i < kTile; ++i) {
       for (int64_t c = 0; c < kTile; ++c) sums[i][c] += xv[i] * wv[c];
