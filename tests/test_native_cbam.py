@@ -309,6 +309,17 @@ def test_the_ops_reject_bad_calls(kernels, monkeypatch):
         torch.ops.cbam.forward_train(args[0], args[1][:, :-1], *args[2:])  # the identity
     with pytest.raises(RuntimeError, match="block BatchNorm's weight must have 19 elements"):
         torch.ops.cbam.forward_train(*args[:2], torch.randn(18), *args[3:])
+    w1, b1, w2, b2 = args[9:13]  # the MLP's layers (C = 19): wrong sizes read out of bounds
+    for at, wrong, message in [
+        (9, w1[:, :-1], r"MLP layer's weight must be outputs x 19 for its 19 inputs"),
+        (10, b1[:-1], r"MLP layer's bias must have \d+ elements"),
+        (11, w2[:, :-1], r"MLP layer's weight must be outputs x \d+ for its \d+ inputs"),
+        (12, b2[:-1], r"MLP layer's bias must have 19 elements"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.cbam.forward_train(*args[:at], wrong, *args[at + 1 :])
+    with pytest.raises(RuntimeError, match=r"second weight must have one row per channel \(19\)"):
+        torch.ops.cbam.forward_train(*args[:11], w2[:-1], b2[:-1], *args[13:])
     bad_grad = [torch.randn(2, 19, 5, 5), *back[1:]]
     with pytest.raises(RuntimeError, match=r"a map passed with the input must have its size"):
         torch.ops.cbam.backward_train(*bad_grad)

@@ -984,6 +984,9 @@ ROW dot_tile(const acc_t* __restrict__ x, int64_t rows, const acc_t* __restrict_
 // R x J in x's dtype: x W^T + bias_scale * b (b may be None); float and double as plain loops,
 // other dtypes through ATen.
 Tensor linear(const Tensor& x_in, const Tensor& w_in, const Opt& b_in, double bias_scale) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x_in.size(1), "an MLP layer's weight must be ",
+              "outputs x ", x_in.size(1), " for its ", x_in.size(1), " inputs, got ", w_in.sizes());
+  check_numel(b_in, w_in.size(0), "an MLP layer's bias");
   const at::ScalarType dtype = w_in.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) {
     const Tensor x = x_in.to(dtype);
@@ -1027,6 +1030,8 @@ Tensor linear(const Tensor& x_in, const Tensor& w_in, const Opt& b_in, double bi
 // half the work.
 std::pair<Tensor, Tensor> channel_gate(const Tensor& pooled, const Tensor& w1, const Opt& b1,
                                        const Tensor& w2, const Opt& b2) {
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == pooled.size(2), "the MLP's second weight must have ",
+              "one row per channel (", pooled.size(2), "), got ", w2.sizes());
   const int64_t npools = pooled.size(0), n = pooled.size(1);
   Tensor hidden = linear(pooled.flatten(0, 1), w1, b1, 1.0).view({npools, n, -1});
   Tensor summed = at::empty({hidden.size(1), hidden.size(2)}, hidden.options());
