@@ -641,13 +641,11 @@ struct Bordered {
   int64_t rows, width;
 };
 
-int64_t lane_chunks(int64_t w) { return (w + kLanes - 1) / kLanes; }
-
 // (Plain loops: zeros, narrow and copy_ cost ~23 us per call in the model, 5x the conv.)
 Bordered bordered(const Tensor& maps_in, int64_t k, int64_t pad, at::ScalarType acc) {
   const Tensor maps = maps_in.to(acc).contiguous();
   const int64_t count = maps.size(0) * maps.size(1), h = maps.size(2), w = maps.size(3);
-  const int64_t rows = h + k - 1, width = lane_chunks(w) * kLanes + k - 1;
+  const int64_t rows = h + k - 1, width = (w + kLanes - 1) / kLanes * kLanes + k - 1;
   Tensor data = at::empty({count, rows, width}, maps.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "bordered", [&] {
     const scalar_t* m = maps.const_data_ptr<scalar_t>();
@@ -666,7 +664,7 @@ Bordered bordered(const Tensor& maps_in, int64_t k, int64_t pad, at::ScalarType 
 // One output map from `cin` bordered input maps: out[y, x] = (sum over ci, ky, kx of
 // kernel[ci, ky, kx] * in[ci, y + ky, x + kx]) * scale + shift, kLanes positions at a time.
 template <typename acc_t>
-ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, const Bordered& b, int64_t h,
+ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, const Bordered& layout, int64_t h,
                  int64_t w, const acc_t* __restrict__ kernel, int64_t k, acc_t scale,
                  acc_t shift, acc_t* __restrict__ out) {
   using V = typename Lanes<acc_t>::type;
@@ -675,7 +673,7 @@ ROW conv_one_map(const acc_t* __restrict__ in, int64_t cin, const Bordered& b, i
       V sum = splat<acc_t>(0);
       for (int64_t ci = 0; ci < cin; ++ci) {
         for (int64_t ky = 0; ky < k; ++ky) {
-          const acc_t* __restrict__ row = in + (ci * b.rows + y + ky) * b.width + x0;
+          const acc_t* __restrict__ row = in + (ci * layout.rows + y + ky) * layout.width + x0;
           const acc_t* __restrict__ weights = kernel + (ci * k + ky) * k;
           for (int64_t kx = 0; kx < k; ++kx) sum += splat<acc_t>(weights[kx]) * load<V>(row + kx);
         }
