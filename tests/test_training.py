@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from cbam.training import TrainingDiverged, load_config, train
@@ -164,19 +163,8 @@ def test_missing_and_empty_data_folders(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _image_tree(root: Path, corrupt: bool) -> None:
-    for split in ("train", "val"):
-        for label, colour in (("dark", 20), ("light", 230)):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i in range(8):
-                Image.new("RGB", (16, 16), (colour + i,) * 3).save(folder / f"{i}.png")
-    if corrupt:
-        (root / "train" / "dark" / "broken.png").write_bytes(b"\x89PNG\r\n not really")
-
-
-def test_corrupt_image_is_skipped_and_counted_or_stops_with_strict(tmp_path):
-    _image_tree(tmp_path / "images", corrupt=True)
+def test_corrupt_image_is_skipped_and_counted_or_stops_with_strict(tmp_path, image_tree):
+    image_tree(tmp_path / "images", broken=True)
     options = dict(dataset="imagefolder", data_dir=str(tmp_path / "images"), image_size=16,
                    batch_size=3, epochs=1, train_subset=None, test_subset=None)  # fmt: skip
     with pytest.warns(UserWarning, match=r"broken.png"):

@@ -3,6 +3,8 @@
 import csv
 import re
 
+import pytest
+
 from cbam.cli import main
 
 TINY = ["--train-subset", "96", "--test-subset", "64", "--batch-size", "32", "--epochs", "1"]
@@ -45,3 +47,24 @@ def test_bad_options_are_clear_errors(capsys):
     assert "unknown config key 'epoch'" in capsys.readouterr().err
     assert main(["train", "--model", "resnet5"]) == 2
     assert "unknown model 'resnet5'" in capsys.readouterr().err
+
+
+def test_small_images_train_with_the_default_recipe_and_no_size_flag(tmp_path, capsys, image_tree):
+    """A user's own 32 x 32 PNGs (one of them unreadable), as `cbam train` first meets them:
+    the small recipe takes the images' size, says so in the run's first line, and the run
+    folder evaluates."""
+    data = image_tree(tmp_path / "images", ((32, 32),), per_class=50,
+                      classes=("dark", "mid", "light"), broken=True)  # fmt: skip
+    run = tmp_path / "run"
+    args = ["train", "--model", "resnet20", "--dataset", "imagefolder", "--data-dir", str(data),
+            "--output", str(run)]  # fmt: skip
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(args) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "imagefolder: 151 train / 150 test images, 32 px, inferred from" in first
+    with open(run / "metrics.csv", newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert len(logged) == 4  # the recipe's epochs
+    assert sum(int(row["skipped_images"]) for row in logged) >= 1  # the unreadable file
+    assert main(["eval", str(run), "--weights", "last"]) == 0
+    assert f"top-1 error {float(logged[-1]['test_top1_err']):.2f}%" in capsys.readouterr().out

@@ -19,6 +19,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         ("--model", str, "registered model name (cbam.list_models())"),
         ("--dataset", str, "fashion-mnist, cifar10, cifar100 or imagefolder"),
         ("--data-dir", str, "data folder (Fashion-MNIST: found automatically)"),
+        ("--image-size", int, "side in pixels (default: the data set's, or the images' own)"),
         ("--epochs", int, "number of epochs"),
         ("--batch-size", int, "global batch size (split over processes)"),
         ("--lr", float, "learning rate per base_batch_size images (scaled linearly)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,33 @@ class DataSplits:
     in_chans: int
     classes: list[str]
     image_size: int
+    image_size_note: str = ""  # how image_size was chosen, when the data chose it
+
+
+def infer_image_size(dataset: CheckedImageFolder, limit: int = 256) -> tuple[int, str]:
+    """The side to train small images at when the recipe leaves it open: the shorter side of
+    the most common size among up to `limit` images spread over the split (headers only)."""
+    samples = dataset.samples[:: max(1, len(dataset.samples) // limit)][:limit]
+    sizes: Counter[tuple[int, int]] = Counter()
+    for path, _ in samples:
+        try:
+            with Image.open(path) as image:
+                sizes[image.size] += 1
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+            continue  # reported by path when training reaches it
+    if not sizes:
+        raise ValueError(
+            f"none of the {len(samples)} images checked in {dataset.root} could be read; "
+            f"check the files, or set the size with --image-size N"
+        )
+    (width, height), count = sizes.most_common(1)[0]
+    side = min(width, height)
+    note = (
+        f"{side} px, inferred from {dataset.root} ({width}x{height} in {count} of "
+        f"{sum(sizes.values())} images read{'' if len(sizes) == 1 else '; others are resized'}"
+        f"); --image-size N sets it"
+    )
+    return side, note
 
 
 def _image_folder(root: Path, split: str, strict: bool) -> CheckedImageFolder:
@@ -176,10 +204,12 @@ def build_datasets(
             )
         classes = list(train.classes)
 
-    mean, std, native = STATS.get(name, (IMAGENET_MEAN, IMAGENET_STD, 224))
-    size = image_size or native
+    mean, std, native = STATS.get(name, (IMAGENET_MEAN, IMAGENET_STD, None))
+    size, size_note = image_size or native, ""
+    if size is None:  # an imagefolder tree: 224 for the ImageNet recipe, else its own size
+        size, size_note = (224, "") if augment == "imagenet" else infer_image_size(train)
     if augment == "small":
-        train_tf, test_tf = small_image_transforms(size, native, mean, std)
+        train_tf, test_tf = small_image_transforms(size, size != native, mean, std)
     else:
         train_tf, test_tf = imagenet_transforms(size, mean, std)
 
@@ -195,4 +225,5 @@ def build_datasets(
         in_chans=len(mean),
         classes=classes,
         image_size=size,
+        image_size_note=size_note,
     )

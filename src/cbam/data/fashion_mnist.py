@@ -1,8 +1,10 @@
-"""Find Fashion-MNIST offline: a given folder, our cache, Debian's package, or a download."""
+"""Find Fashion-MNIST offline: a given folder, Debian's package, an earlier download, or a
+download."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -10,12 +12,21 @@ from pathlib import Path
 
 from torchvision.datasets import FashionMNIST
 
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # where the package puts its files
+# A folder of the four files, used instead of the search below when --data-dir is not given;
+# `make test` sets it to the folder its `data` step installed, so the tests read only that.
+LOCATION_VARIABLE = "CBAM_FASHION_MNIST"
 FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
+)
+HOW_TO_GET_IT = (
+    f"install Debian's package (`sudo apt-get install {DEBIAN_PACKAGE}`, or `make data` in a "
+    f"cbam checkout), or pass --data-dir DIR where DIR holds {', '.join(FILES)} (each may be "
+    f".gz) or torchvision's FashionMNIST/raw/ with them"
 )
 
 
@@ -45,51 +56,66 @@ def _source_files(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def _unpack(files: dict[str, Path], root: Path) -> None:
-    """Copy (un-gzipping) into torchvision's layout; each file lands atomically."""
+def _unpacked(files: dict[str, Path]) -> Path:
+    """A cache root in torchvision's layout holding `files` un-gzipped.
+
+    The root is named by the sources' paths, sizes and modification times, so each source
+    is unpacked once, two sources never share a root, and a changed source is unpacked again.
+    """
+    key = hashlib.sha256()
+    for source in files.values():
+        stat = source.resolve().stat()
+        key.update(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    root = default_cache() / f"fashion-mnist-{key.hexdigest()[:16]}"
+    if _has_raw(root):
+        return root
     raw = _raw_folder(root)
     raw.mkdir(parents=True, exist_ok=True)
-    for name, source in files.items():
+    for name, source in files.items():  # each file lands atomically
         with tempfile.NamedTemporaryFile(dir=raw, delete=False) as tmp:
             opener = gzip.open if source.suffix == ".gz" else open
             with opener(source, "rb") as f:
                 shutil.copyfileobj(f, tmp)
         os.replace(tmp.name, raw / name)
+    return root
+
+
+def _from_folder(folder: Path, named: str) -> Path:
+    if _has_raw(folder):
+        return folder
+    files = _source_files(folder) or _source_files(_raw_folder(folder))
+    if files is None:
+        state = "does not exist" if not folder.exists() else "does not hold them"
+        raise ValueError(
+            f"Fashion-MNIST folder {folder} ({named}) {state}: expected {', '.join(FILES)} "
+            f"(each may be .gz), or FashionMNIST/raw/ beneath it; {HOW_TO_GET_IT}"
+        )
+    return _unpacked(files)
 
 
 def fashion_mnist_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """A root that torchvision's FashionMNIST reads without touching the network.
 
-    With `data_dir`: that folder in torchvision's layout, or a folder holding the four idx
-    files (gzipped or not), which are unpacked into the cache. Without: the cache, then
-    Debian's dataset-fashion-mnist, then a torchvision download into the cache.
+    With `data_dir` (or else $CBAM_FASHION_MNIST): that folder and nothing else, in
+    torchvision's layout or holding the four idx files (gzipped or not), which are unpacked
+    into the cache. Without either: Debian's dataset-fashion-mnist, then an earlier download,
+    then a torchvision download into the cache.
     """
-    cache = default_cache()
     if data_dir is not None:
-        folder = Path(data_dir)
-        if _has_raw(folder):
-            return folder
-        files = _source_files(folder) or _source_files(_raw_folder(folder))
-        if files is None:
-            state = "does not exist" if not folder.exists() else "does not hold them"
-            raise ValueError(
-                f"Fashion-MNIST data folder {folder} {state}: expected {', '.join(FILES)} "
-                f"(optionally .gz), or FashionMNIST/raw/ beneath it; install Debian's "
-                f"dataset-fashion-mnist (files in {DEBIAN_DIR}) or drop --data-dir to use it"
-            )
-        _unpack(files, cache)
-        return cache
-    if _has_raw(cache):
-        return cache
+        return _from_folder(Path(data_dir), "--data-dir")
+    if os.environ.get(LOCATION_VARIABLE):
+        return _from_folder(Path(os.environ[LOCATION_VARIABLE]), f"${LOCATION_VARIABLE}")
     files = _source_files(DEBIAN_DIR)
     if files is not None:
-        _unpack(files, cache)
+        return _unpacked(files)
+    cache = default_cache()
+    if _has_raw(cache):
         return cache
     try:
         FashionMNIST(str(cache), download=True)
     except Exception as error:
         raise ValueError(
-            f"Fashion-MNIST is not on this machine and could not be downloaded ({error}); "
-            f"install it with `apt-get install dataset-fashion-mnist` or pass --data-dir"
+            f"Fashion-MNIST is not on this machine ({DEBIAN_DIR} is missing) and could not be "
+            f"downloaded ({error}); {HOW_TO_GET_IT}"
         ) from None
     return cache

@@ -7,15 +7,20 @@ from torchvision.transforms import v2
 
 
 def small_image_transforms(
-    size: int, native_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+    size: int, resize: bool, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[v2.Transform, v2.Transform]:
-    """Train: pad-4 random crop + horizontal flip (the CIFAR ResNet recipe); test: as is."""
-    resize = [v2.Resize(size, antialias=True)] if size != native_size else []
+    """Train: pad-4 random crop + horizontal flip (the CIFAR ResNet recipe); test: as is.
+
+    With `resize`, images of any size and shape first have their shorter side resized to
+    `size` (and the test images are center-cropped), so every sample is size x size.
+    """
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    scale = [v2.Resize(size, antialias=True)] if resize else []
+    crop = [v2.CenterCrop(size)] if resize else []
     train = v2.Compose(
-        [*resize, v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(), *to_tensor]
+        [*scale, v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(), *to_tensor]
     )
-    return train, v2.Compose([*resize, *to_tensor])
+    return train, v2.Compose([*scale, *crop, *to_tensor])
 
 
 def imagenet_transforms(

@@ -301,7 +301,8 @@ def _train(
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if state else None)
         log(
             f"{config.model} + {config.attention or 'no attention'}: {params / 1e6:.3f}M params | "
-            f"{config.dataset}: {len(splits.train)} train / {len(splits.test)} test images | "
+            f"{config.dataset}: {len(splits.train)} train / {len(splits.test)} test images, "
+            f"{splits.image_size_note or f'{splits.image_size} px'} | "
             f"{steps_per_epoch} steps/epoch x {config.epochs} epochs | batch {config.batch_size} "
             f"on {world} x {device.type} | lr {config.scaled_lr:g} | run folder {run_dir}"
             + (f" | resuming at epoch {start_epoch + 1}, step {step}" if state else "")
