@@ -18,7 +18,7 @@ HAVE_FASHION_MNIST := $(foreach f,$(FASHION_MNIST_FILES),\
 WITH_DATA := CBAM_FASHION_MNIST=$(FASHION_MNIST)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: main data test test-slow lint format clean
+.PHONY: main data test test-slow lint format clean gpu-check
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,13 +49,16 @@ test: $(INSTALLED) data  ## the default test suite (about three minutes on 2 cor
 test-slow: $(INSTALLED) data  ## tests that take minutes (full-resolution models)
 	$(WITH_DATA) $(BIN)/python -m pytest -m slow -q
 
+gpu-check:  ## the CUDA path on one GPU (~8 min), with the machine's own python3; OUTPUT=DIR, ARGS=--dry-run
+	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py --output $(or $(OUTPUT),runs/gpu-check) $(ARGS)
+
 lint: $(INSTALLED)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 format: $(INSTALLED)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

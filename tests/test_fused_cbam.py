@@ -1,4 +1,4 @@
-"""The fused CBAM (layers/fused_cbam.py) against the reference layer: values, gradients,
+"""The fused CBAM (kernels/fused_cbam.py) against the reference layer: values, gradients,
 running statistics, memory formats, dtypes, gradcheck, torch.compile, and the fallbacks."""
 
 import copy
@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam import CBAM, create_model
-from cbam.layers import native_cbam
-from cbam.layers._argmax import max_over_channels, max_over_hw
+from cbam.bench.kernel_checks import randomise
+from cbam.kernels import native_cbam
+from cbam.kernels._argmax import max_over_channels, max_over_hw
 from cbam.layers.cbam import set_cbam_impl
 from cbam.models.resnet import BasicBlock, Bottleneck
 
@@ -26,20 +27,6 @@ FUSED_VARIANTS = [
     {"kernel_size": 5, "reduction": 4},
 ]
 FORMATS = [torch.contiguous_format, torch.channels_last]
-
-
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random parameters and BN statistics, so that no term is trivially 0 or 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module
 
 
 def fused_pair(module: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -463,7 +450,7 @@ def test_deterministic_mode_gives_identical_fused_gradients():
 TRITON_CHECK = """
 import torch
 from cbam import CBAM
-from cbam.layers import triton_cbam
+from cbam.kernels import triton_cbam
 from cbam.models.resnet import Bottleneck
 from tests.test_fused_cbam import compare_fp32, randomise
 

@@ -5,25 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from cbam import BAM, CBAM, SE, ChannelAttention, SpatialAttention, create_attention
+from cbam.bench.kernel_checks import randomise
 from cbam.layers import ORDERS, POOL_TYPES, global_pool
 
 POOL_SUBSETS = [
     ("avg",), ("max",), ("lp",), ("lse",), ("avg", "max"), ("max", "lse"), POOL_TYPES,
 ]  # fmt: skip
-
-
-def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter and BN statistic a random value so no term is trivially 0 or 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-    return module
 
 
 def reference_cbam(x: torch.Tensor, m: CBAM) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The fused CBAM's compiled CPU kernels (layers/csrc/cbam_cpu.cpp), one by one against the
+"""The fused CBAM's compiled CPU kernels (kernels/csrc/cbam_cpu.cpp), one by one against the
 ATen ops they replace, and what happens where they cannot be built."""
 
 import copy
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tests.test_fused_cbam import compare_fp32, randomise
 
 from cbam import CBAM
-from cbam.layers import native_cbam
+from cbam.kernels import native_cbam
 from cbam.layers.cbam import set_cbam_impl
 from cbam.models.resnet import Bottleneck
 
@@ -393,7 +393,7 @@ def test_a_failed_build_warns_once_and_the_aten_path_runs(monkeypatch):
 
 
 def test_the_environment_variable_turns_them_off():
-    code = "from cbam.layers import native_cbam; print(native_cbam.enabled())"
+    code = "from cbam.kernels import native_cbam; print(native_cbam.enabled())"
     env = {**os.environ, "CBAM_NATIVE": "0"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "False", run.stderr[-2000:]

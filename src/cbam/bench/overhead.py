@@ -5,7 +5,8 @@ feature-map size of every stage of the model, and (b) the model's training step 
 cross-entropy, backward, SGD step) and inference (eval mode, no grad). Variants are timed in
 interleaved rounds, each round in a rotated order, and every ratio is the median over rounds of
 the ratio within a round (`stats.py`), so the noise of a shared machine hits all variants
-alike. Peak memory comes from `memory.py`. Eager and `torch.compile`, NCHW and channels_last.
+alike. Peak memory comes from `memory.py`. Eager and `torch.compile`, NCHW and channels_last,
+float32 or half-precision weights, with or without autocast (`--amp`).
 
     python -m cbam.bench.overhead --quick          # a smoke run, well under a minute
     cbam bench --repeats 30 --modes eager compiled --memory-formats nchw channels_last
@@ -37,6 +38,8 @@ MODES = ("eager", "compiled")
 MEMORY_FORMATS = ("nchw", "channels_last")
 PARTS = ("module", "model")
 _FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class BenchConfig:
     memory: bool = True
     device: str = "cpu"
     seed: int = 0
+    dtype: str = "float32"  # of the weights and the inputs
+    amp: str | None = None  # "bf16" or "fp16": the calls run under autocast to that dtype
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -140,11 +145,18 @@ def _attention(variant: str) -> tuple[Any, dict[str, Any] | None]:
 
 
 def variant_context(variant: str) -> contextlib.AbstractContextManager[None]:
-    """What a variant's calls run under: "cbam-fused-aten" is the fused CBAM with its CPU
-    kernels off (the ATen path), to show what the kernels buy in the same run."""
-    from cbam.layers import native_cbam
+    """What a variant's calls run under: "cbam-fused-aten" is the fused CBAM with its CPU and
+    Triton kernels off (the ATen path), to show what the kernels buy in the same run."""
+    from cbam import kernels
 
-    return native_cbam.disabled() if variant == "cbam-fused-aten" else contextlib.nullcontext()
+    return kernels.disabled() if variant == "cbam-fused-aten" else contextlib.nullcontext()
+
+
+def precision_context(config: BenchConfig, device: torch.device) -> Any:
+    """Autocast to `config.amp` around a call, or nothing: how mixed-precision users run."""
+    if config.amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[config.amp])
 
 
 def build_model(
@@ -238,15 +250,15 @@ def _module_group(
     variants: Sequence[str],
 ) -> list[Row]:  # fmt: skip
     _, c, h, w = shape
-    memory_format = _FORMATS[fmt]
+    layout = {"dtype": DTYPES[config.dtype], "memory_format": _FORMATS[fmt]}
     g = torch.Generator().manual_seed(config.seed)
-    x = torch.randn(shape, generator=g).to(device, memory_format=memory_format)
+    x = torch.randn(shape, generator=g).to(device, **layout)
     x.requires_grad_(True)
-    grad = torch.randn(shape, generator=g).to(device, memory_format=memory_format)
+    grad = torch.randn(shape, generator=g).to(device, **layout)
     calls: dict[str, Callable[[], Any]] = {}
     modules: dict[str, nn.Module] = {}
     for variant in variants:
-        module = build_module(variant, c, config.seed).to(device, memory_format=memory_format)
+        module = build_module(variant, c, config.seed).to(device, **layout)
         module.train()
         modules[variant] = module
         run = _maybe_compile(module, mode)
@@ -256,8 +268,9 @@ def _module_group(
             x.grad = None
             for p in module.parameters():
                 p.grad = None
-            with variant_context(variant):
-                run(x).backward(grad)
+            with precision_context(config, device), variant_context(variant):
+                out = run(x)
+            out.backward(grad.to(out.dtype))
 
         calls[variant] = call
     baseline = "timm-cbam" if "timm-cbam" in calls else next(iter(calls))
@@ -271,14 +284,32 @@ def _module_group(
     return rows
 
 
+def train_step(
+    model: nn.Module,
+    run: Callable[..., Any],
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: BenchConfig,
+    variant: str,
+) -> None:
+    """One timed training step: forward (`run`, the model or its compiled form), cross-entropy,
+    backward outside autocast as AMP recipes do, SGD step."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with precision_context(config, images.device), variant_context(variant):
+        loss = F.cross_entropy(run(images), labels)
+    loss.backward()
+    optimizer.step()
+
+
 def _model_groups(
     config: BenchConfig, mode: str, fmt: str, device: torch.device, variants: Sequence[str]
 ) -> list[Row]:
-    memory_format = _FORMATS[fmt]
+    layout = {"dtype": DTYPES[config.dtype], "memory_format": _FORMATS[fmt]}
     b, s = config.batch_size, config.image_size
     g = torch.Generator().manual_seed(config.seed)
-    images = torch.randn(b, config.in_chans, s, s, generator=g)
-    images = images.to(device, memory_format=memory_format)
+    images = torch.randn(b, config.in_chans, s, s, generator=g).to(device, **layout)
     labels = torch.randint(0, config.num_classes, (b,), generator=g).to(device)
     models: dict[str, nn.Module] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -289,7 +320,7 @@ def _model_groups(
             variant, config.model, config.seed,
             in_chans=config.in_chans, num_classes=config.num_classes,
         )  # fmt: skip
-        model = model.to(device, memory_format=memory_format)
+        model = model.to(device, **layout)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         run = _maybe_compile(model, mode)
         models[variant], optimizers[variant] = model, optimizer
@@ -297,16 +328,12 @@ def _model_groups(
         def train(model: nn.Module = model, run: Callable[..., Any] = run,
                   optimizer: torch.optim.Optimizer = optimizer,
                   variant: str = variant) -> None:  # fmt: skip
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            with variant_context(variant):
-                F.cross_entropy(run(images), labels).backward()
-            optimizer.step()
+            train_step(model, run, optimizer, images, labels, config, variant)
 
         def infer(model: nn.Module = model, run: Callable[..., Any] = run,
                   variant: str = variant) -> None:  # fmt: skip
             model.eval()
-            with torch.no_grad(), variant_context(variant):
+            with torch.no_grad(), precision_context(config, device), variant_context(variant):
                 run(images)
 
         train_calls[variant], infer_calls[variant] = train, infer
@@ -397,6 +424,8 @@ def run_overhead(config: BenchConfig, log: Callable[[str], None] | None = None) 
         ("memory format", config.memory_formats, MEMORY_FORMATS),
         ("part", config.parts, PARTS),
         ("variant", config.variants, VARIANTS),
+        ("dtype", (config.dtype,), tuple(DTYPES)),
+        ("amp dtype", () if config.amp is None else (config.amp,), tuple(AMP_DTYPES)),
     ):
         for value in values:
             if value not in allowed:
@@ -471,15 +500,18 @@ def format_report(result: BenchResult) -> str:
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for row in result.rows:
         groups.setdefault((row.part, row.mode, row.memory_format), []).append(row)
+    c = result.config
+    precision = "" if c.dtype == "float32" else f", {c.dtype}"
+    precision += "" if c.amp is None else f", {c.amp} autocast"
     for (part, mode, fmt), rows in groups.items():
         baseline = rows[0].baseline
         if part == "module":
-            lines.append(f"\n### Module alone, forward + backward ({mode}, {fmt})\n")
+            lines.append(f"\n### Module alone, forward + backward ({mode}, {fmt}{precision})\n")
             lines.append(f"| size | variant | median ms | IQR | x {baseline} | {baseline} / this "
                          f"| peak MB | above input MB |")  # fmt: skip
             lines.append("|---|---|---|---|---|---|---|---|")
         else:
-            lines.append(f"\n### {rows[0].size}: {part} ({mode}, {fmt})\n")
+            lines.append(f"\n### {rows[0].size}: {part} ({mode}, {fmt}{precision})\n")
             lines.append(f"| variant | median ms | IQR | x {baseline} (paired) | peak MB "
                          f"| x {baseline} | activations MB | x {baseline} |")  # fmt: skip
             lines.append("|---|---|---|---|---|---|---|---|")
@@ -503,7 +535,7 @@ def format_report(result: BenchResult) -> str:
         if compiled:
             firsts = ", ".join(f"{r.variant} {r.compile_seconds:.0f} s" for r in compiled)
             lines.append(f"\nFirst call (compilation included): {firsts}.")
-    m, c = result.machine, result.config
+    m = result.machine
     lines.append(
         f"\n{c.repeats} interleaved rounds after {c.warmup} warm-up calls; median time, IQR as "
         f"± half the interquartile range over the median, ratios are the median of per-round "
@@ -545,6 +577,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu (measured here) or cuda")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and inputs")
+    parser.add_argument(
+        "--amp", choices=AMP_DTYPES,
+        help="run each call under autocast to this dtype (fp16 without a grad scaler: timing "
+        "only). The fused CBAM runs its reference path under autocast",
+    )  # fmt: skip
     parser.add_argument(
         "--keep-denormals", action="store_true",
         help="leave subnormal floats on (default: flushed, as x86 is slow on them)",
@@ -574,6 +612,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "variants": tuple(args.variants),
         "threads": args.threads,
         "device": args.device,
+        "dtype": args.dtype,
+        "amp": args.amp,
         "flush_denormal": not args.keep_denormals,
         "keep_freed_memory": not args.return_freed_memory,
         "memory": not args.no_memory,

@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from cbam._checks import check_feature_map, hidden_channels
 from cbam._errors import check_positive_int
-from cbam.layers._checks import check_feature_map, hidden_channels
 
 
 class BAM(nn.Module):

@@ -6,15 +6,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbam import kernels
 from cbam._errors import unknown_choice
-from cbam.layers._checks import has_hooks
 from cbam.layers.channel_attention import ChannelAttention
-from cbam.layers.fused_cbam import (
-    batch_norm_settings,
-    fused_cbam,
-    fused_cbam_residual,
-    fused_unsupported_reason,
-)
 from cbam.layers.spatial_attention import SPATIAL_METHODS, SpatialAttention
 
 ORDERS = ("channel_spatial", "spatial_channel", "parallel")
@@ -39,7 +33,7 @@ class CBAM(nn.Module):
             computed from the same input and multiplied in, x * Mc(x) * Ms(x). The paper does
             not spell out its parallel variant; this is the one that keeps the two sigmoid
             gates unchanged and differs from the sequential orders only in what Ms sees.
-        impl: "auto" (default): the fused implementation (`fused_cbam.py`: same values and
+        impl: "auto" (default): the fused implementation (`cbam.kernels`: same values and
             gradients, less memory and time) wherever it applies, else the reference;
             "reference": always the paper's equations as separate ops; "fused": like "auto",
             but a variant the fused path cannot compute (lp/lse pooling, spatial_channel) is
@@ -76,7 +70,7 @@ class CBAM(nn.Module):
         self.order = order
         self.channel = ChannelAttention(channels, reduction, pool_types)
         self.spatial = SpatialAttention(channels, kernel_size, spatial) if spatial else None
-        reason = fused_unsupported_reason(self.channel.pool_types, order)
+        reason = kernels.fused_unsupported_reason(self.channel.pool_types, order)
         if impl == "fused" and reason is not None:
             raise ValueError(
                 f"impl='fused' cannot compute {reason}; use impl='auto' to fall back to the "
@@ -109,16 +103,9 @@ class CBAM(nn.Module):
             return False
         if x.dim() != 4 or x.shape[1] != self.channel.channels or not x.is_floating_point():
             return False  # the reference path raises the helpful error or handles it
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if not kernels.fused_applies(x):
             return False
-        device = x.device.type
-        if device == "meta" or torch.compiler.is_exporting():
-            return False  # shape and FLOP counting, export: the reference graph
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            return False
-        if device != "cpu" and torch.are_deterministic_algorithms_enabled():
-            return False  # the fused backward scatters with atomics off the CPU
-        return not has_hooks(*([self] if hooks_on_self else self._modules.values()))
+        return not kernels.has_hooks(*([self] if hooks_on_self else self._modules.values()))
 
     @torch.jit.unused
     def _fused_params(self) -> list[Any]:
@@ -131,7 +118,7 @@ class CBAM(nn.Module):
             params += [None] * 6 + [tuple(self.channel.pool_types), False, 0, False, 0.0, 0.0]
             return params
         compress = sp.compress.weight if isinstance(sp.compress, nn.Conv2d) else None
-        use_batch, factor, rm, rv = batch_norm_settings(sp.bn)
+        use_batch, factor, rm, rv = kernels.batch_norm_settings(sp.bn)
         params += [compress, sp.conv.weight, sp.bn.weight, sp.bn.bias, rm, rv]
         params += [tuple(self.channel.pool_types), self.order == "parallel", sp.conv.padding[0]]
         params += [use_batch, factor, sp.bn.eps]
@@ -139,7 +126,7 @@ class CBAM(nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_cbam(x, self._fused_params())
+        return kernels.forward(x, self._fused_params())
 
     @torch.jit.unused
     def fused_residual(
@@ -154,14 +141,14 @@ class CBAM(nn.Module):
         fused path does not apply (then run the separate modules). `others` are further
         modules the caller would have run (e.g. its ReLU), checked for hooks.
         `pre_bn_scratch`: nothing else holds pre_bn; without autograd the output may then
-        overwrite it (`fused_cbam_residual`)."""
-        if type(bn) is not nn.BatchNorm2d or has_hooks(bn, *others):
+        overwrite it (`kernels.block_tail`)."""
+        if type(bn) is not nn.BatchNorm2d or kernels.has_hooks(bn, *others):
             return None
         if identity.shape != pre_bn.shape or identity.dtype != pre_bn.dtype:
             return None
         if not self._use_fused(pre_bn, hooks_on_self=True):
             return None
-        return fused_cbam_residual(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
+        return kernels.block_tail(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, impl={self.impl!r}"

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cbam.layers._checks import check_feature_map, hidden_channels
+from cbam._checks import check_feature_map, hidden_channels
 from cbam.layers.pooling import check_pool_types, global_pool
 
 

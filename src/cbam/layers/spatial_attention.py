@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from cbam._checks import check_feature_map
 from cbam._errors import check_positive_int, unknown_choice
-from cbam.layers._checks import check_feature_map
 from cbam.layers.pooling import ChannelPool
 
 SPATIAL_METHODS = ("pool", "conv1x1")

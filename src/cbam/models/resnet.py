@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbam._errors import check_positive_int, unknown_choice
-from cbam.layers._checks import has_hooks
+from cbam.kernels import has_hooks
 from cbam.layers.create_attention import AttentionSpec
 from cbam.models._common import (
     AttentionBuilder,

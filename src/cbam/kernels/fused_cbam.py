@@ -1,6 +1,6 @@
 """Fused CBAM: the module as one autograd function, and a residual block's tail as another.
 
-The reference layer (`cbam.py`) writes the paper's equations as separate tensor ops, so
+The reference layer (`cbam.layers.cbam`) writes the paper's equations as separate tensor ops, so
 autograd keeps what each op needs: the input, the channel-gated map `x * Mc`, full-size
 comparison masks for both max pools; and it sums the input's gradient from three places. The
 function here computes the same values and gradients, but
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cbam.layers import native_cbam, triton_cbam
-from cbam.layers._argmax import max_over_channels, max_over_hw
+from cbam.kernels import native_cbam, triton_cbam
+from cbam.kernels._argmax import max_over_channels, max_over_hw
 
 FUSED_POOL_TYPES = ("avg", "max")
 FUSED_ORDERS = ("channel_spatial", "parallel")

@@ -12,7 +12,8 @@ Status: correct in Triton's interpreter on CPU (`tests/test_fused_cbam.py` runs 
 with TRITON_INTERPRET=1 against PyTorch), but UNMEASURED ON GPU: no GPU was available while
 writing them. They are therefore off by default; `CBAM_TRITON=1` in the environment (read at
 import) or `set_enabled(True)` turns them on for contiguous NCHW CUDA tensors in the default
-variant (avg + max pools, channel pooling, channel-then-spatial order).
+variant (avg + max pools, channel pooling, channel-then-spatial order). `make gpu-check`
+checks and times them on one GPU in one prepared run (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _enabled = os.environ.get("CBAM_TRITON", "0") == "1"
 
 def available() -> bool:
     return triton is not None
+
+
+def enabled() -> bool:
+    return _enabled
 
 
 def set_enabled(enabled: bool) -> None:

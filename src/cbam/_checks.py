@@ -1,15 +1,8 @@
 """Checks run on every attention layer's input, scriptable so layers stay TorchScript-friendly."""
 
 import torch
-from torch import nn
-from torch.nn.modules import module as _module
 
 from cbam._errors import check_positive_int
-
-_GLOBAL_HOOKS = (
-    "_global_forward_hooks", "_global_forward_pre_hooks",
-    "_global_backward_hooks", "_global_backward_pre_hooks",
-)  # fmt: skip
 
 
 def check_feature_map(x: torch.Tensor, channels: int, layer: str) -> None:
@@ -37,21 +30,3 @@ def hidden_channels(channels: int, reduction: int, layer: str) -> int:
             f"leaves channels // reduction = 0 hidden units; use reduction <= {channels}"
         )
     return channels // reduction
-
-
-def has_hooks(*modules: nn.Module) -> bool:
-    """Whether any hook would fire inside `modules` (or their submodules): module hooks, or
-    global ones from `torch.nn.modules.module.register_module_forward_hook` and friends.
-    A plain loop over `_modules`: it runs on every forward, so it must cost microseconds."""
-    if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
-        return True
-    stack = list(modules)
-    for m in stack:  # the list grows with the children as it goes
-        if m is None:  # an empty slot in a parent's _modules
-            continue
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            return True
-        if m._backward_pre_hooks:
-            return True
-        stack += m._modules.values()
-    return False
