@@ -18,6 +18,7 @@ from cbam.reproduce import grid, tables
 from cbam.reproduce.report import CellRuns, markdown, summarize, write_report
 from cbam.reproduce.stats import describe, paired_difference, t_quantile_975
 from cbam.training import runs
+from cbam.training.checkpoint import save_checkpoint
 from cbam.training.config import load_config, save_config
 from cbam.training.runs import RunSummary
 
@@ -188,12 +189,12 @@ class FakeTrain:
 
     def __call__(self, config, resume=None, overrides=None):
         self.calls.append((config.output, resume))
-        run_dir = Path(resume or config.output)
+        run_dir = Path(config.output if resume in (None, "auto") else resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         if config.output in self.interrupt:
             self.interrupt.discard(config.output)
-            (run_dir / "last_state.pt").write_bytes(b"")
+            save_checkpoint(run_dir, nn.Linear(1, 1), {"step": 1, "epoch": 0, "batch_in_epoch": 1})
             return SimpleNamespace(interrupted=True)
         with open(run_dir / "metrics.csv", "w", newline="") as f:
             writer = csv.writer(f)
@@ -201,6 +202,8 @@ class FakeTrain:
                              "epoch_seconds", "params"])  # fmt: skip
             for _ in range(config.epochs):
                 writer.writerow([10 + config.seed, 1, 100, 6, 1000])
+        done = {"step": 2, "epoch": config.epochs, "batch_in_epoch": 0}
+        save_checkpoint(run_dir, nn.Linear(1, 1), done)
         return SimpleNamespace(interrupted=False)
 
 
@@ -215,7 +218,7 @@ def test_grid_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, monkey
 
     second = grid.run_grid(configs, log=lambda line: None)
     assert second.complete and len(second.finished) == len(configs)
-    assert fake.calls[4] == (configs[3].output, Path(configs[3].output))  # resumed
+    assert fake.calls[4] == (configs[3].output, "auto")  # resumed
     assert len(fake.calls) == len(configs) + 1  # the three finished runs were not retrained
 
     third = grid.run_grid(configs, log=lambda line: None)
@@ -229,16 +232,15 @@ def test_grid_reuses_finished_runs_and_resumes_interrupted_ones(tmp_path, monkey
     assert record["rerun_alone"].startswith("cbam train --config ")
 
 
-def test_train_or_reuse_restarts_a_run_without_checkpoint_and_refuses_another(
-    tmp_path, monkeypatch
-):
+def test_train_or_reuse_trains_an_unfinished_run_and_refuses_another(tmp_path, monkeypatch):
     fake = FakeTrain()
     monkeypatch.setattr(runs, "train", fake)
     config = load_config("small", {"output": str(tmp_path / "run"), "epochs": 1})
     (tmp_path / "run").mkdir()
     save_config(config, tmp_path / "run" / "config.yaml")  # killed before its first checkpoint
     assert runs.train_or_reuse(config)
-    assert fake.calls == [(config.output, None)]
+    assert fake.calls == [(config.output, "auto")]  # the trainer starts it afresh
+    assert runs.train_or_reuse(config) and len(fake.calls) == 1  # finished: reused
     other = load_config("small", {"output": str(tmp_path / "run"), "epochs": 1, "lr": 0.05})
     with pytest.raises(ValueError, match=r"another config.*lr: 0\.1 there, 0\.05 now"):
         runs.train_or_reuse(other)

@@ -41,9 +41,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_training_lowers_the_loss_and_writes_the_run_folder(tmp_path):
     result = train(tiny(tmp_path, epochs=3, lr=0.05))
     run = result.run_dir
-    for name in ("config.yaml", "metrics.csv", "last.safetensors", "last_state.pt",
-                 "best.safetensors"):  # fmt: skip
+    for name in ("config.yaml", "metrics.csv", "last.safetensors", "best.safetensors"):
         assert (run / name).is_file(), name
+    # the newest two epoch-end checkpoints; last.safetensors is the newest's weights
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    names = ("json", "pt", "safetensors")
+    assert kept == [f"step{s:09d}-epoch{e:04d}-batch000000.{x}" for s, e in ((12, 2), (18, 3))
+                    for x in names]  # fmt: skip
+    assert (run / "last.safetensors").read_bytes() == (run / "checkpoints" / kept[-1]).read_bytes()
     assert list((run / "tb").glob("events.out.tfevents.*"))
     metrics = rows(run)
     assert [int(r["epoch"]) for r in metrics] == [1, 2, 3]
@@ -217,7 +222,7 @@ def test_amp_channels_last_accumulation_and_ema(tmp_path):
     metrics = rows(result.run_dir)
     assert int(metrics[0]["step"]) == 3  # 6 batches, 2 per optimizer step
     assert math.isfinite(float(metrics[0]["test_loss"]))
-    state = torch.load(result.run_dir / "last_state.pt", weights_only=True)
+    state = torch.load(next((result.run_dir / "checkpoints").glob("*.pt")), weights_only=True)
     assert state["ema"] is not None and state["optimizer"]["state"]
     # best.safetensors holds the EMA weights the test error was measured with.
     evaluated, _, _ = evaluate_source(result.run_dir, "best")

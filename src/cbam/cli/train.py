@@ -29,6 +29,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         ("--test-subset", int, "use the first N test images"),
         ("--device", str, "auto, cpu, cuda, cuda:1, ..."),
         ("--workers", int, "data-loader worker processes"),
+        ("--checkpoint-every", int, "also checkpoint every N optimizer steps"),
+        ("--checkpoint-minutes", float, "also checkpoint every M minutes of training"),
     ]
     for flag, kind, text in options:
         parser.add_argument(flag, type=kind, help=text)
@@ -64,13 +66,21 @@ def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cbam.training import TrainingDiverged, load_config, train
+    from cbam.training.trainer import AUTO, RunFinished
 
     overrides = overrides_from(args)
     try:
-        if args.resume:
+        if args.resume == AUTO:
+            result = train(load_config(args.config, overrides), resume=AUTO)
+        elif args.resume:
             result = train(load_config(None), resume=args.resume, overrides=overrides)
         else:
             result = train(load_config(args.config, overrides))
+    except RunFinished as done:
+        if args.resume != AUTO:
+            raise
+        print(f"cbam train: nothing to do: {done}")
+        return 0
     except TrainingDiverged as error:
         print(f"cbam train: {error}", file=sys.stderr)
         return 3
@@ -83,5 +93,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_training_options(parser)
     parser.add_argument("--attention", help="none, se, bam or cbam")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR|auto",
+        help="continue the run in RUN_DIR; `auto`: continue the one in --output from its "
+        "newest complete checkpoint, or start it when there is none (for restart loops)",
+    )  # fmt: skip
     parser.set_defaults(run=cmd_train)

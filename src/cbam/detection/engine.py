@@ -2,7 +2,7 @@
 
 The run folder is laid out as `cbam train`'s: config.yaml, metrics.csv (one row per epoch:
 the losses, the 12 COCO stats, VOC07 mAP@.5, speed, skipped data), TensorBoard events in
-tb/, last.safetensors + last_state.pt (resumable, written atomically at the end of each
+tb/, checkpoints/ + last.safetensors (resumable, written atomically at the end of each
 epoch and on SIGINT/SIGTERM), best.safetensors (highest mAP@[.5,.95]). The loop runs under
 torchrun as DistributedDataParallel; evaluation splits the test images over the ranks and
 gathers the detections.
@@ -108,8 +108,8 @@ def train_detector(
     optimizer step."""
     dist_info, device = setup(config.device)
     try:
-        config, run_dir, state = prepare_run(config, resume, overrides, load_detect_config)
-        return _train(config, run_dir, state, dist_info, device, on_step)
+        config, run_dir, found = prepare_run(config, resume, overrides, load_detect_config)
+        return _train(config, run_dir, found, dist_info, device, on_step)
     finally:
         teardown()
 
@@ -124,11 +124,12 @@ def _to_device(targets: list[dict[str, Any]], device: torch.device) -> list[dict
 def _train(
     config: DetectConfig,
     run_dir: Path,
-    state: dict[str, Any] | None,
+    found: ckpt.Resumable | None,
     dist_info: Dist,
     device: torch.device,
     on_step: Callable[[int, nn.Module], None] | None,
 ) -> DetectionResult:
+    state = found.state if found is not None else None
     main = dist_info.is_main
     log = print if main else (lambda *a, **k: None)
     torch.set_flush_denormal(config.flush_denormal)  # process-wide; a no-op where unsupported
@@ -177,8 +178,8 @@ def _train(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, start_batch, step, best = 0, 0, 0, -math.inf
-    if state is not None:
-        load_checkpoint(model, run_dir / "last.safetensors", source="cbam")
+    if found is not None and state is not None:
+        load_checkpoint(model, found.weights, source="cbam")
         ckpt.restore_loop_state(state, optimizer, scheduler, scaler)
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
         step, best = state["step"], state["best_map"]
@@ -214,8 +215,9 @@ def _train(
         average_buffers(model, dist_info)  # collective: every rank calls it
         if not main:
             return
-        ckpt.save_weights(model, run_dir / "last.safetensors", {"step": str(step)})
-        ckpt.save_training_state(
+        ckpt.save_checkpoint(
+            run_dir,
+            model,
             {
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
@@ -225,7 +227,6 @@ def _train(
                 "epoch_seconds": seconds,
                 **ckpt.loop_state(optimizer, scheduler, scaler),
             },
-            run_dir / "last_state.pt",
         )
 
     # ---- the loop -----------------------------------------------------------------------
@@ -275,7 +276,7 @@ def _train(
                     writer.add_scalar("train/loss", loss.item(), step)  # type: ignore[union-attr]
                 if on_step is not None:
                     on_step(step, model)
-                if any_rank(signals["stop"], dist_info, device):
+                if any_rank((signals["stop"],), dist_info, device)[0]:
                     partial = totals.clone()
                     if dist_info.enabled:
                         torch.distributed.all_reduce(partial)

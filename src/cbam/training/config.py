@@ -65,6 +65,12 @@ class TrainConfig:
     flush_denormal: bool = True
     output: str = "runs/train"
     log_every: int = 50
+    # Checkpoints inside an epoch as well as at its end: every N optimizer steps and/or every
+    # M minutes (None: only at epoch ends and on Ctrl-C/SIGTERM). A kill -9 loses at most that.
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None
+    # How long a process waits on the others under torchrun before it gives up (a peer died).
+    dist_timeout_minutes: float = 15.0
 
     @property
     def scaled_lr(self) -> float:
@@ -97,6 +103,19 @@ class TrainConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.checkpoint_every is not None and (
+            not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive number of steps or null, got "
+                f"{self.checkpoint_every!r}"
+            )
+        for name, value in (
+            ("checkpoint_minutes", self.checkpoint_minutes or 1),  # null: none by time
+            ("dist_timeout_minutes", self.dist_timeout_minutes),
+        ):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of minutes, got {value!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         return self

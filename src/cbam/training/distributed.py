@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -25,9 +27,12 @@ class Dist:
         return self.rank == 0
 
 
-def setup(device: str) -> tuple[Dist, torch.device]:
+def setup(device: str, timeout_minutes: float = 15.0) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on
-    CPU) and pick this process's device. A plain `python` launch is a world of one."""
+    CPU) and pick this process's device. A plain `python` launch is a world of one.
+
+    A collective that waits longer than `timeout_minutes` (a peer died or hangs) raises
+    instead of blocking the job forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +43,9 @@ def setup(device: str) -> tuple[Dist, torch.device]:
     if on_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+        dist.init_process_group(
+            backend="nccl" if on_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes)
+        )
     return info, torch.device(f"cuda:{info.local_rank}" if on_cuda else "cpu")
 
 
@@ -53,11 +60,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: Dist) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, info: Dist, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (so all ranks stop at the same step)."""
+def any_rank(flags: Sequence[bool], info: Dist, device: torch.device) -> tuple[bool, ...]:
+    """Each flag, true on every rank if it is true on any rank (so all ranks stop, or save,
+    at the same step); one collective for all of them."""
     if not info.enabled:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), info).item() > 0)
+        return tuple(flags)
+    summed = all_reduce_sum(torch.tensor([float(f) for f in flags], device=device), info)
+    return tuple(bool(v > 0) for v in summed.tolist())
 
 
 def average_buffers(model: torch.nn.Module, info: Dist) -> None:

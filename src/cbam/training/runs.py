@@ -4,17 +4,20 @@ reproduce` be restarted with the same command after Ctrl-C, a crash or a reboot.
 from __future__ import annotations
 
 import csv
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbam.training import checkpoint as ckpt
 from cbam.training.config import TrainConfig, load_config
-from cbam.training.trainer import train
+from cbam.training.trainer import AUTO, check_same_config, train
 
 # Settings that change how a run executes but not what it computes: two configs that differ
 # only in these are the same experiment (the trainer lets a resumed run change them).
-EXECUTION_ONLY = ("output", "workers", "log_every", "device")
+EXECUTION_ONLY = (
+    "output", "workers", "log_every", "device", "checkpoint_every", "checkpoint_minutes",
+    "dist_timeout_minutes",
+)  # fmt: skip
 
 
 def experiment(config: TrainConfig) -> dict[str, Any]:
@@ -32,21 +35,13 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
 
 
 def is_finished(config: TrainConfig) -> bool:
-    """Whether `config.output` holds a run with all `config.epochs` epochs logged."""
+    """Whether `config.output` holds a run with all `config.epochs` epochs logged and
+    checkpointed."""
     run_dir = Path(config.output)
-    return (run_dir / "config.yaml").is_file() and len(read_metrics(run_dir)) >= config.epochs
-
-
-def _check_same_experiment(config: TrainConfig, run_dir: Path) -> None:
-    saved = experiment(load_config(run_dir / "config.yaml"))
-    wanted = experiment(config)
-    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in changed)
-        raise ValueError(
-            f"{run_dir} holds a run of another config ({details}); choose another --output "
-            f"or remove that folder"
-        )
+    if not (run_dir / "config.yaml").is_file() or len(read_metrics(run_dir)) < config.epochs:
+        return False
+    done = ckpt.progress(run_dir)
+    return done is not None and done[0] >= config.epochs and done[1] == 0
 
 
 def train_or_reuse(config: TrainConfig) -> bool:
@@ -59,18 +54,11 @@ def train_or_reuse(config: TrainConfig) -> bool:
     """
     run_dir = Path(config.output)
     if (run_dir / "config.yaml").is_file():
-        _check_same_experiment(config, run_dir)
+        saved = load_config(run_dir / "config.yaml")
+        check_same_config(experiment(config), experiment(saved), run_dir)
         if is_finished(config):
             return True
-        if not (run_dir / "last_state.pt").is_file():  # killed before any checkpoint
-            (run_dir / "config.yaml").unlink()
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    if (run_dir / "last_state.pt").is_file():
-        execution = {k: getattr(config, k) for k in EXECUTION_ONLY if k != "output"}
-        result = train(config, resume=run_dir, overrides=execution)
-    else:
-        result = train(config)
-    return not result.interrupted
+    return not train(config, resume=AUTO).interrupted
 
 
 @dataclass(frozen=True)

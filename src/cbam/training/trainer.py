@@ -1,14 +1,17 @@
 """The training loop: `train(config)` runs (or resumes) one run in its own folder.
 
-Run folder: config.yaml, metrics.csv, tb/ (TensorBoard), last.safetensors + last_state.pt
-(resumable), best.safetensors (lowest test top-1 error). Checkpoints are written at the end
-of each epoch and when SIGINT/SIGTERM arrives, at the next optimizer step.
+Run folder: config.yaml, metrics.csv, tb/ (TensorBoard), checkpoints/ (resumable; see
+`checkpoint`), last.safetensors (the newest weights), best.safetensors (lowest test top-1
+error). Checkpoints are written at the end of each epoch, every `checkpoint_every` steps or
+`checkpoint_minutes`, and when SIGINT/SIGTERM arrives, at the next optimizer step.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -33,18 +36,33 @@ from cbam.interop import load_checkpoint
 from cbam.models import create_model
 from cbam.training import checkpoint as ckpt
 from cbam.training.config import TrainConfig, load_config, save_config
-from cbam.training.distributed import Dist, any_rank, average_buffers, setup, teardown
+from cbam.training.distributed import (
+    Dist,
+    any_rank,
+    average_buffers,
+    setup,
+    teardown,
+)
 from cbam.training.evaluate import EvalMetrics, evaluate
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_top1_err", "test_loss", "test_top1_err",
     "test_top5_err", "train_images_per_s", "epoch_seconds", "skipped_images", "params",
 )  # fmt: skip
-RESUMABLE_OVERRIDES = {"epochs", "workers", "device", "log_every"}
+# What a resumed run may change: how it executes, and how long it trains.
+RESUMABLE_OVERRIDES = {
+    "epochs", "workers", "device", "log_every", "checkpoint_every", "checkpoint_minutes",
+    "dist_timeout_minutes",
+}  # fmt: skip
+AUTO = "auto"  # resume="auto": the newest complete checkpoint in the output folder, if any
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class RunFinished(ValueError):
+    """The run to resume has trained all its epochs (`--resume auto` then has nothing to do)."""
 
 
 @dataclass
@@ -80,6 +98,8 @@ class RunLike(Protocol):
 
     output: str
     epochs: int
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 RunConfig = TypeVar("RunConfig", bound=RunLike)
@@ -144,48 +164,81 @@ def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
     )
 
 
+def _unfinished_leftovers(run_dir: Path) -> None:
+    """Remove what a run killed before its first checkpoint left, so it can start afresh."""
+    for name in ("config.yaml", "metrics.csv"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def check_same_config(given: dict[str, Any], kept: dict[str, Any], run_dir: Path) -> None:
+    """The config a command gives must be the one saved in `run_dir` (for the keys given)."""
+    changed = sorted(k for k in given if kept.get(k) != given[k])
+    if changed:
+        details = ", ".join(f"{k}: {kept.get(k)!r} there, {given[k]!r} now" for k in changed)
+        raise ValueError(
+            f"{run_dir} holds a run of another config ({details}); give the same options "
+            f"as the run that made it, or choose another --output"
+        )
+
+
 def prepare_run(
     config: RunConfig,
     resume: str | Path | None,
     overrides: dict[str, Any] | None,
     load: Callable[[Path, dict[str, Any]], RunConfig] = load_config,  # type: ignore[assignment]
-) -> tuple[RunConfig, Path, dict[str, Any] | None]:
-    """The run folder and config: a fresh folder, or a saved run to continue (its
-    config.yaml read back with `load`)."""
-    if resume is None:
+) -> tuple[RunConfig, Path, ckpt.Resumable | None]:
+    """The run folder, its config and the checkpoint to resume from: a fresh folder, a saved
+    run to continue (`resume` = its folder; its config.yaml read back with `load`), or with
+    `resume="auto"` whichever `config.output` calls for."""
+    if resume == AUTO:
         run_dir = Path(config.output)
-        if (run_dir / "last_state.pt").exists() or (run_dir / "config.yaml").exists():
+        found = ckpt.newest_complete(run_dir, fall_back=True)
+        if found is None:
+            if ckpt.has_checkpoint(run_dir):
+                raise ValueError(
+                    f"every checkpoint in {run_dir} is damaged (see the warnings above); "
+                    f"remove {run_dir / ckpt.CHECKPOINTS} to start the run afresh"
+                )
+            _unfinished_leftovers(run_dir)
+            return config, run_dir, None
+        resumable = {k: getattr(config, k) for k in RESUMABLE_OVERRIDES if hasattr(config, k)}
+        saved = load(run_dir / "config.yaml", resumable)
+        fixed = RESUMABLE_OVERRIDES | {"output"}  # all a restarted command may change
+        given = {k: v for k, v in config.to_dict().items() if k not in fixed}
+        check_same_config(given, saved.to_dict(), run_dir)
+    elif resume is None:
+        run_dir = Path(config.output)
+        if ckpt.has_checkpoint(run_dir) or (run_dir / "config.yaml").exists():
             raise ValueError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                f"or choose another --output"
+                f"(or --resume auto) or choose another --output"
             )
         return config, run_dir, None
-    run_dir = Path(resume)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "last_state.pt").is_file():
-        raise ValueError(
-            f"nothing to resume in {run_dir}: it needs config.yaml and last_state.pt "
-            f"(written at the end of each epoch or on Ctrl-C)"
-        )
-    extra = set(overrides or {}) - RESUMABLE_OVERRIDES
-    if extra:
-        raise ValueError(
-            f"a resumed run keeps its saved config; only {sorted(RESUMABLE_OVERRIDES)} may "
-            f"change, not {sorted(extra)}"
-        )
-    saved = load(run_dir / "config.yaml", dict(overrides or {}))
-    state = ckpt.read_training_state(run_dir / "last_state.pt")
-    weights_step = ckpt.read_metadata(run_dir / "last.safetensors").get("step")
-    if weights_step != str(state["step"]):
-        raise ValueError(
-            f"{run_dir}: last.safetensors (step {weights_step}) and last_state.pt (step "
-            f"{state['step']}) disagree; the run folder was modified or a write was cut off"
-        )
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file() or not ckpt.has_checkpoint(run_dir):
+            raise ValueError(
+                f"nothing to resume in {run_dir}: it needs config.yaml and a checkpoint "
+                f"(written at the end of each epoch, every --checkpoint-every steps or "
+                f"--checkpoint-minutes, and on Ctrl-C)"
+            )
+        extra = set(overrides or {}) - RESUMABLE_OVERRIDES
+        if extra:
+            raise ValueError(
+                f"a resumed run keeps its saved config; only {sorted(RESUMABLE_OVERRIDES)} may "
+                f"change, not {sorted(extra)}"
+            )
+        saved = load(run_dir / "config.yaml", dict(overrides or {}))
+        found = ckpt.newest_complete(run_dir, fall_back=False)
+        assert found is not None  # has_checkpoint, and a damaged one raised
+    state = found.state
     if state["epoch"] >= saved.epochs and state["batch_in_epoch"] == 0:
-        raise ValueError(
+        raise RunFinished(
             f"the run in {run_dir} already finished all {saved.epochs} epochs; to train "
             f"longer, resume with --epochs N (N > {saved.epochs}) or start a new run"
         )
-    return saved, run_dir, state
+    return saved, run_dir, found
 
 
 def train(
@@ -199,10 +252,10 @@ def train(
     `on_step(global_step, model)` runs after every optimizer step (tests use it to interrupt
     a run or to break the model).
     """
-    dist_info, device = setup(config.device)
+    dist_info, device = setup(config.device, config.dist_timeout_minutes)
     try:
-        config, run_dir, state = prepare_run(config, resume, overrides)
-        return _train(config, run_dir, state, dist_info, device, on_step)
+        config, run_dir, found = prepare_run(config, resume, overrides)
+        return _train(config, run_dir, found, dist_info, device, on_step)
     finally:
         teardown()
 
@@ -210,11 +263,12 @@ def train(
 def _train(
     config: TrainConfig,
     run_dir: Path,
-    state: dict[str, Any] | None,
+    found: ckpt.Resumable | None,
     dist_info: Dist,
     device: torch.device,
     on_step: Callable[[int, nn.Module], None] | None,
 ) -> TrainResult:
+    state = found.state if found is not None else None
     main = dist_info.is_main
     log = print if main else (lambda *a, **k: None)
     if config.deterministic:
@@ -278,8 +332,8 @@ def _train(
         else None
     )
     start_epoch, start_batch, step, best = 0, 0, 0, math.inf
-    if state is not None:
-        load_checkpoint(model, run_dir / "last.safetensors", source="cbam")
+    if found is not None and state is not None:
+        load_checkpoint(model, found.weights, source="cbam")
         ckpt.restore_loop_state(state, optimizer, scheduler, scaler)
         if ema is not None:
             ema.load_state_dict(state["ema"])
@@ -298,6 +352,8 @@ def _train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        if state is not None:
+            keep_metrics_up_to(run_dir / "metrics.csv", state)
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if state else None)
         log(
             f"{config.model} + {config.attention or 'no attention'}: {params / 1e6:.3f}M params | "
@@ -323,8 +379,9 @@ def _train(
         sync_buffers()
         if not main:
             return
-        ckpt.save_weights(model, run_dir / "last.safetensors", {"step": str(step)})
-        ckpt.save_training_state(
+        ckpt.save_checkpoint(
+            run_dir,
+            model,
             {
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
@@ -337,8 +394,16 @@ def _train(
                 "epoch_seconds": epoch_seconds,
                 **ckpt.loop_state(optimizer, scheduler, scaler),
             },
-            run_dir / "last_state.pt",
         )
+
+    def partial_totals(totals: torch.Tensor) -> torch.Tensor:
+        """The epoch's running sums over all ranks, to carry over a mid-epoch resume."""
+        partial = totals.clone()
+        if dist_info.enabled:
+            torch.distributed.all_reduce(partial)
+        return partial
+
+    periodic = PeriodicCheckpoint(config.checkpoint_every, config.checkpoint_minutes)
 
     # ---- the loop -----------------------------------------------------------------------
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -390,11 +455,12 @@ def _train(
                     writer.add_scalar("train/loss", loss.item(), step)  # type: ignore[union-attr]
                 if on_step is not None:
                     on_step(step, model)
-                if any_rank(signals["stop"], dist_info, device):
-                    partial = totals.clone()
-                    if dist_info.enabled:
-                        torch.distributed.all_reduce(partial)
-                    save_checkpoint(epoch, batch_in_epoch, partial, time.perf_counter() - t0)
+                stop, due = any_rank((signals["stop"], periodic.due(step)), dist_info, device)
+                if stop or due:
+                    seconds = time.perf_counter() - t0
+                    save_checkpoint(epoch, batch_in_epoch, partial_totals(totals), seconds)
+                    periodic.saved()
+                if stop:
                     log(
                         f"stopped at epoch {epoch + 1}, step {step}; resume with --resume {run_dir}"
                     )
@@ -416,20 +482,22 @@ def _train(
             improved = last.top1_err < best
             best = min(best, last.top1_err)
             start_batch = 0
-            save_checkpoint(epoch + 1, 0)
-            if main:
+            row = {
+                "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                "train_loss": train_loss, "train_top1_err": train_err,
+                "test_loss": last.loss, "test_top1_err": last.top1_err,
+                "test_top5_err": last.top5_err,
+                "train_images_per_s": totals[2].item() / seconds, "epoch_seconds": seconds,
+                "skipped_images": int(totals[3].item()) + last.skipped,
+                "params": params,
+            }  # fmt: skip
+            if main:  # before the checkpoint: a resume from an older one drops the row again
                 if improved:
                     ckpt.save_weights(eval_model, run_dir / "best.safetensors", {"step": str(step)})
-                row = {
-                    "epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                    "train_loss": train_loss, "train_top1_err": train_err,
-                    "test_loss": last.loss, "test_top1_err": last.top1_err,
-                    "test_top5_err": last.top5_err,
-                    "train_images_per_s": totals[2].item() / seconds, "epoch_seconds": seconds,
-                    "skipped_images": int(totals[3].item()) + last.skipped,
-                    "params": params,
-                }  # fmt: skip
                 append_metrics(run_dir / "metrics.csv", row)
+            save_checkpoint(epoch + 1, 0)
+            periodic.saved()
+            if main:
                 for key in (
                     "train_loss",
                     "train_top1_err",
@@ -493,6 +561,38 @@ def start_epoch_pass(
         disable=not (main and sys.stderr.isatty()), leave=False, dynamic_ncols=True,
     )  # fmt: skip
     return bar, totals, t0
+
+
+class PeriodicCheckpoint:
+    """When a checkpoint is due inside an epoch: every `every` steps and/or every `minutes`
+    of wall time since the last one (None: never), so a killed job loses at most that."""
+
+    def __init__(self, every: int | None, minutes: float | None) -> None:
+        self.every, self.seconds = every, None if minutes is None else 60 * minutes
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        by_steps = self.every is not None and step % self.every == 0
+        by_time = self.seconds is not None and time.monotonic() - self.last >= self.seconds
+        return by_steps or by_time
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+def keep_metrics_up_to(path: Path, state: dict[str, Any]) -> None:
+    """Drop metrics.csv's rows of epochs past `state`'s: they were logged by a run killed
+    before its epoch-end checkpoint was complete, and the resumed run logs them again."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= state["epoch"]]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def append_metrics(
