@@ -207,3 +207,22 @@ def test_torchrun_restarts_a_killed_rank_and_ends_bit_identical(tmp_path):
     assert "resuming at epoch 2, step 8" in restarted.stdout  # from the periodic checkpoint
     assert_same_weights(tmp_path / "straight", tmp_path / "restarted")
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "restarted")
+
+
+def test_a_lost_peer_is_one_clear_error_and_other_errors_pass_through(tmp_path):
+    from cbam.training.distributed import Dist, PeersLost, peers_lost_message
+
+    gloo = "[pair.cc:545] Read error [127.0.0.1]:35227: Connection reset by peer. This is"
+    lost = r"rank 1 of 2 lost contact .*Connection reset by peer.*--resume auto.*max-restarts N"
+    with pytest.raises(PeersLost, match=lost), peers_lost_message(Dist(1, 2, 1), tmp_path):
+        raise RuntimeError(gloo)
+    with (
+        pytest.raises(RuntimeError, match=r"^shape mismatch$"),
+        peers_lost_message(Dist(1, 2, 1), tmp_path),
+    ):
+        raise RuntimeError("shape mismatch")
+    with (
+        pytest.raises(RuntimeError, match="Connection reset"),
+        peers_lost_message(Dist(), tmp_path),
+    ):  # one process: no peers to lose
+        raise RuntimeError(gloo)

@@ -66,6 +66,7 @@ def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cbam.training import TrainingDiverged, load_config, train
+    from cbam.training.distributed import PeersLost
     from cbam.training.trainer import AUTO, RunFinished
 
     overrides = overrides_from(args)
@@ -84,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"cbam train: {error}", file=sys.stderr)
         return 3
+    except PeersLost as error:
+        print(f"cbam train: {error}", file=sys.stderr)
+        return 4
     return 130 if result.interrupted else 0
 
 

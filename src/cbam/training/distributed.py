@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +49,35 @@ def setup(device: str, timeout_minutes: float = 15.0) -> tuple[Dist, torch.devic
             backend="nccl" if on_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes)
         )
     return info, torch.device(f"cuda:{info.local_rank}" if on_cuda else "cpu")
+
+
+class PeersLost(RuntimeError):
+    """Another process of the job died or stopped answering."""
+
+
+# What gloo and NCCL say when a peer's socket closed or a collective waited too long.
+LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "timed out",
+                   "Timed out", "Broken pipe")  # fmt: skip
+
+
+@contextmanager
+def peers_lost_message(info: Dist, run_dir: Path) -> Iterator[None]:
+    """Turn a collective that failed because another process died, or timed out waiting for
+    it, into one clear error on each survivor: the job then ends instead of hanging, and the
+    message says how it continues."""
+    try:
+        yield
+    except RuntimeError as error:
+        text = str(error)
+        lost = isinstance(error, dist.DistError) or any(s in text for s in LOST_PEER_SIGNS)
+        if not info.enabled or not lost:
+            raise
+        raise PeersLost(
+            f"rank {info.rank} of {info.world_size} lost contact with the other processes "
+            f"({text.splitlines()[0][:300]}); another worker probably died. Run the same "
+            f"command with --resume auto (torchrun --max-restarts N does it for you) to "
+            f"continue from the newest checkpoint in {run_dir}"
+        ) from error
 
 
 def teardown() -> None:

@@ -40,6 +40,7 @@ from cbam.training.distributed import (
     Dist,
     any_rank,
     average_buffers,
+    peers_lost_message,
     setup,
     teardown,
 )
@@ -255,7 +256,8 @@ def train(
     dist_info, device = setup(config.device, config.dist_timeout_minutes)
     try:
         config, run_dir, found = prepare_run(config, resume, overrides)
-        return _train(config, run_dir, found, dist_info, device, on_step)
+        with peers_lost_message(dist_info, run_dir):
+            return _train(config, run_dir, found, dist_info, device, on_step)
     finally:
         teardown()
 
