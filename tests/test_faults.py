@@ -155,6 +155,8 @@ def test_checkpoints_by_time_and_by_steps(monkeypatch):
     assert load_config("imagenet").checkpoint_minutes == 30
     with pytest.raises(ValueError, match=r"checkpoint_every must be a positive"):
         load_config("small", {"checkpoint_every": 0})
+    with pytest.raises(ValueError, match=r"checkpoint_minutes must be a positive number"):
+        load_config("small", {"checkpoint_minutes": 0})
 
 
 TORCHRUN_WORKER = textwrap.dedent("""

@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--minutes", type=float, default=30.0, help="the periodic interval")
     args = parser.parse_args(argv)
-    model = create_model(args.model, attention=args.attention, num_classes=1000)
+    try:
+        model = create_model(args.model, attention=args.attention, num_classes=1000)
+    except ValueError as error:
+        parser.error(str(error))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():  # momentum buffers, as after a first step
         p.grad = torch.zeros_like(p)

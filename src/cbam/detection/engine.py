@@ -32,7 +32,14 @@ from cbam.detection.model import build_detector
 from cbam.interop import load_checkpoint
 from cbam.training import checkpoint as ckpt
 from cbam.training.config import save_config
-from cbam.training.distributed import Dist, any_rank, average_buffers, setup, teardown
+from cbam.training.distributed import (
+    Dist,
+    all_reduce_sum,
+    any_rank,
+    average_buffers,
+    setup,
+    teardown,
+)
 from cbam.training.eval_run import resolve_source
 from cbam.training.trainer import (
     EpochPass,
@@ -277,9 +284,7 @@ def _train(
                 if on_step is not None:
                     on_step(step, model)
                 if any_rank((signals["stop"],), dist_info, device)[0]:
-                    partial = totals.clone()
-                    if dist_info.enabled:
-                        torch.distributed.all_reduce(partial)
+                    partial = all_reduce_sum(totals.clone(), dist_info)
                     save_checkpoint(epoch, batch_in_epoch, partial, time.perf_counter() - t0)
                     log(f"stopped at epoch {epoch + 1}, step {step}; resume: --resume {run_dir}")
                     return DetectionResult(run_dir, epoch, True, best, last, model)

@@ -111,9 +111,11 @@ class TrainConfig:
                 f"{self.checkpoint_every!r}"
             )
         for name, value in (
-            ("checkpoint_minutes", self.checkpoint_minutes or 1),  # null: none by time
+            ("checkpoint_minutes", self.checkpoint_minutes),
             ("dist_timeout_minutes", self.dist_timeout_minutes),
         ):
+            if value is None and name == "checkpoint_minutes":  # null: none by time
+                continue
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of minutes, got {value!r}")
         if self.workers < 0:

@@ -38,6 +38,7 @@ from cbam.training import checkpoint as ckpt
 from cbam.training.config import TrainConfig, load_config, save_config
 from cbam.training.distributed import (
     Dist,
+    all_reduce_sum,
     any_rank,
     average_buffers,
     peers_lost_message,
@@ -398,13 +399,6 @@ def _train(
             },
         )
 
-    def partial_totals(totals: torch.Tensor) -> torch.Tensor:
-        """The epoch's running sums over all ranks, to carry over a mid-epoch resume."""
-        partial = totals.clone()
-        if dist_info.enabled:
-            torch.distributed.all_reduce(partial)
-        return partial
-
     periodic = PeriodicCheckpoint(config.checkpoint_every, config.checkpoint_minutes)
 
     # ---- the loop -----------------------------------------------------------------------
@@ -457,10 +451,13 @@ def _train(
                     writer.add_scalar("train/loss", loss.item(), step)  # type: ignore[union-attr]
                 if on_step is not None:
                     on_step(step, model)
-                stop, due = any_rank((signals["stop"], periodic.due(step)), dist_info, device)
-                if stop or due:
+                # the epoch's last step needs no periodic save: the epoch-end one follows
+                due = batch_in_epoch < batches_per_epoch and periodic.due(step)
+                stop, due = any_rank((signals["stop"], due), dist_info, device)
+                if stop or due:  # the running sums over all ranks carry over a resume
                     seconds = time.perf_counter() - t0
-                    save_checkpoint(epoch, batch_in_epoch, partial_totals(totals), seconds)
+                    partial = all_reduce_sum(totals.clone(), dist_info)
+                    save_checkpoint(epoch, batch_in_epoch, partial, seconds)
                     periodic.saved()
                 if stop:
                     log(
