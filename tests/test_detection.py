@@ -492,3 +492,16 @@ def test_voc_xml_through_torchvision_with_difficult_unknown_and_broken_files(tmp
         ValueError, match=r"VOC 2007 'test' not found under .*VOCdevkit/VOC2007/ with"
     ):
         voc_as_coco(tmp_path / "nowhere", "2007", "test")
+
+
+def test_detect_train_takes_an_attached_torchvision_detector(data_dir, tmp_path):
+    """`cbam detect train --set backbone=torchvision:NAME`: torchvision's detector with CBAM
+    (identity init) in its backbone body only, trained and evaluated like ours."""
+    name = "torchvision:fasterrcnn_mobilenet_v3_large_fpn"
+    config = tiny(data_dir, tmp_path / "run", backbone=name)
+    result = train_detector(config)
+    saved = load_file(str(result.run_dir / "last.safetensors"))
+    attention = {k.split(".attention.")[0] for k in saved if ".attention." in k}
+    assert len(attention) == 10 and all(k.startswith("backbone.body.") for k in attention)
+    metrics, _ = evaluate_detection_run(result.run_dir, "last")
+    assert metrics.images == 4

@@ -114,3 +114,48 @@ def test_cli_export_bad_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint"):
         run_cli([*argv, "--output", str(tmp_path / "x.onnx")])
     assert not (tmp_path / "x.onnx").exists()
+
+
+def write_attached_run(run_dir, seed=0):
+    """A run folder as `cbam train --model torchvision:mobilenet_v3_small --attach cbam`
+    leaves it: config.yaml and best.safetensors (random weights, alpha moved off 0)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from cbam.training.checkpoint import save_weights
+    from cbam.training.config import TrainConfig, save_config
+    from cbam.training.trainer import build_model
+
+    config = TrainConfig(model="torchvision:mobilenet_v3_small", attach="cbam").validate()
+    run_dir.mkdir()
+    # The run started from a weights file that has gone since: export needs only the run's.
+    gone = dataclasses.replace(config, pretrained=str(run_dir / "moved.safetensors"))
+    save_config(gone, run_dir / "config.yaml")
+    torch.manual_seed(seed)
+    model = build_model(config, SimpleNamespace(num_classes=10, in_chans=1, image_size=28))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("alpha"):
+                p.fill_(0.5)
+    save_weights(model, run_dir / "best.safetensors")
+    return model.eval()
+
+
+def test_cli_export_takes_a_run_folder_of_an_attached_torchvision_model(tmp_path, capsys):
+    model = write_attached_run(tmp_path / "run")
+    out = tmp_path / "mnv3.onnx"
+    assert run_cli(["export", str(tmp_path / "run"), "--output", str(out),
+                    "--legacy-exporter"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "batch 3: max |onnxruntime - PyTorch|" in printed
+    assert "attention layers: ReduceMax x12, ReduceMean x12" in printed  # 6 CBAMs
+    diffs = verify_export(model, out, batch_sizes=(2,), input_size=28, in_chans=1)
+    assert diffs[2] < 1e-4  # the file holds the run's weights, not a fresh model's
+
+
+def test_cli_export_torchvision_model_by_name(tmp_path, capsys):
+    out = tmp_path / "r18.onnx"
+    argv = ["export", "--model", "torchvision:resnet18", "--attach", "cbam", "--num-classes",
+            "10", "--input-size", "64", "--output", str(out), "--legacy-exporter"]  # fmt: skip
+    assert run_cli(argv) == 0
+    assert "attention layers: ReduceMax x16" in capsys.readouterr().out

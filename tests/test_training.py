@@ -66,10 +66,13 @@ def interrupt_at(when: int, signum: int):
     return on_step
 
 
-def test_resume_after_interrupt_is_bit_identical(tmp_path):
-    reference = train(tiny(tmp_path, "straight"))
+@pytest.mark.parametrize("data_path", ["tensor", "per-sample"])
+def test_resume_after_interrupt_is_bit_identical(tmp_path, data_path):
+    reference = train(tiny(tmp_path, "straight", data_path=data_path))
     # Ctrl-C mid-epoch 1 (6 steps per epoch), then SIGTERM mid-epoch 2 of the resumed run.
-    stopped = train(tiny(tmp_path, "stopped"), on_step=interrupt_at(4, signal.SIGINT))
+    stopped = train(
+        tiny(tmp_path, "stopped", data_path=data_path), on_step=interrupt_at(4, signal.SIGINT)
+    )
     assert stopped.interrupted and not (stopped.run_dir / "metrics.csv").exists()
     stopped = train(
         load_config(None), resume=stopped.run_dir, on_step=interrupt_at(9, signal.SIGTERM)
@@ -112,7 +115,8 @@ def _ddp_worker(rank: int, world: int, port: int, config: TrainConfig, out: str)
     save_file(state, os.path.join(out, f"rank{rank}.safetensors"))
 
 
-def test_two_process_gloo_training_agrees_across_ranks(tmp_path):
+@pytest.mark.parametrize("data_path", ["tensor", "per-sample"])
+def test_two_process_gloo_training_agrees_across_ranks(tmp_path, data_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -120,7 +124,7 @@ def test_two_process_gloo_training_agrees_across_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tiny(tmp_path, "ddp", epochs=1)
+    config = tiny(tmp_path, "ddp", epochs=1, data_path=data_path)
     mp.spawn(_ddp_worker, args=(2, port, config, str(tmp_path)), nprocs=2, join=True)
     run = tmp_path / "ddp"
     assert_same_weights(run / "last.safetensors", tmp_path / "rank0.safetensors")
@@ -235,8 +239,9 @@ def test_compiled_training_matches_eager_closely(tmp_path):
     compiled = train(tiny(tmp_path, "compiled", epochs=1, compile=True))
     we = weights(eager.run_dir / "last.safetensors")
     wc = weights(compiled.run_dir / "last.safetensors")
+    # inductor reorders float sums; six SGD steps amplify that to a few 1e-4 on some weights
     for key in we:
-        torch.testing.assert_close(wc[key], we[key], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(wc[key], we[key], rtol=1e-3, atol=5e-4)
 
 
 def test_eval_reads_an_authors_format_checkpoint(tmp_path):

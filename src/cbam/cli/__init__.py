@@ -7,10 +7,22 @@ import sys
 from collections.abc import Sequence
 
 from cbam import __version__
-from cbam.cli import bench, compare, detect, explain, export, info, reproduce, train
+from cbam.cli import (
+    attach_report,
+    bench,
+    compare,
+    detect,
+    explain,
+    export,
+    info,
+    reproduce,
+    train,
+)
 from cbam.cli import eval as eval_
 
-COMMANDS = (info, train, eval_, compare, reproduce, explain, export, bench, detect)
+COMMANDS = (
+    info, train, eval_, compare, reproduce, explain, export, attach_report, bench, detect,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

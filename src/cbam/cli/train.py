@@ -31,10 +31,18 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         ("--workers", int, "data-loader worker processes"),
         ("--checkpoint-every", int, "also checkpoint every N optimizer steps"),
         ("--checkpoint-minutes", float, "also checkpoint every M minutes of training"),
+        ("--attach", str, "torchvision:/timm: models: attention to attach (e.g. cbam)"),
+        ("--attach-placement", str, "auto, residual, replace-se or stage (default: auto)"),
+        ("--pretrained", str, "torchvision:/timm: models: local weights file to start from"),
     ]
     for flag, kind, text in options:
         parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision")
+    parser.add_argument(
+        "--data-path", choices=["auto", "tensor", "per-sample"],
+        help="tensor: the data set as one tensor on the device, augmented a batch at a time; "
+        "per-sample: torchvision transforms per image; auto (default): tensor when it fits",
+    )  # fmt: skip
     for flag, text in (
         ("--channels-last", "channels_last memory format"),
         ("--compile", "torch.compile the model"),

@@ -5,20 +5,26 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
+from torchvision.transforms.v2 import functional as TF
 
 from cbam._errors import unknown_choice
-from cbam.data.fashion_mnist import fashion_mnist_root
+from cbam.data.fashion_mnist import default_cache, fashion_mnist_root
+from cbam.data.resident import ResidentBatches, ResidentSplit, cached_decode, source_key
 from cbam.data.transforms import imagenet_transforms, small_image_transforms
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
+# "tensor": the split decoded once into one tensor on the training device, augmented a batch
+# at a time (resident.py); "per-sample": torchvision transforms image by image in a
+# DataLoader; "auto": tensor for the small recipe when the split fits resident_limit_mb.
+DATA_PATHS = ("auto", "tensor", "per-sample")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...], int]] = {
@@ -102,15 +108,47 @@ def collate_skipping(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, 
     return images, labels, len(batch) - len(kept)
 
 
+Split = SeededTransform | ResidentSplit
+
+
 @dataclass
 class DataSplits:
-    train: SeededTransform
-    test: SeededTransform
+    train: Split
+    test: Split
     num_classes: int
     in_chans: int
     classes: list[str]
     image_size: int
     image_size_note: str = ""  # how image_size was chosen, when the data chose it
+    data_path: str = "per-sample"  # "tensor" or "per-sample", as chosen
+
+    def to(self, device: torch.device) -> DataSplits:
+        """These splits with resident tensors moved to `device` (per-sample ones as they are)."""
+        if self.data_path != "tensor":
+            return self
+        return replace(self, train=self.train.to(device), test=self.test.to(device))  # type: ignore[union-attr]
+
+
+def split_batches(
+    split: Split,
+    indices: Sequence[int],
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    workers: int = 0,
+    report_unreadable: bool = True,
+    pin_memory: bool = False,
+    collate_fn: Callable[..., Any] = collate_skipping,
+    generator: torch.Generator | None = None,
+) -> ResidentBatches | DataLoader[Any]:
+    """The batches of `split` at `indices`, in order, as (images, labels, skipped): resident
+    splits slice their tensor; per-sample ones go through a DataLoader (`workers`, ...)."""
+    if isinstance(split, ResidentSplit):
+        return split.batches(indices, batch_size, drop_last, report_unreadable)
+    return DataLoader(
+        split, batch_size=batch_size, sampler=list(indices), drop_last=drop_last,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory, generator=generator,
+    )  # fmt: skip
 
 
 def infer_image_size(dataset: CheckedImageFolder, limit: int = 256) -> tuple[int, str]:
@@ -180,10 +218,15 @@ def build_datasets(
     test_subset: int | None = None,
     strict_data: bool = False,
     seed: int = 0,
+    data_path: str = "per-sample",
+    resident_limit_mb: float = 2048,
 ) -> DataSplits:
-    """Train and test splits of a data set by name, with the recipe's transforms."""
+    """Train and test splits of a data set by name, with the recipe's augmentation, either
+    per sample (torchvision transforms) or resident (see DATA_PATHS)."""
     if name not in DATASETS:
         raise unknown_choice("dataset", name, DATASETS)
+    if data_path not in DATA_PATHS:
+        raise unknown_choice("data_path", data_path, DATA_PATHS)
     if name == "fashion-mnist":
         root = str(fashion_mnist_root(data_dir))
         train = datasets.FashionMNIST(root, train=True)
@@ -203,27 +246,121 @@ def build_datasets(
                 f"({len(train.classes)} vs {len(test.classes)}); they must match"
             )
         classes = list(train.classes)
+    if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
+        raise ValueError(f"{name} in {data_dir} has an empty split; check the folder")
 
     mean, std, native = STATS.get(name, (IMAGENET_MEAN, IMAGENET_STD, None))
     size, size_note = image_size or native, ""
     if size is None:  # an imagefolder tree: 224 for the ImageNet recipe, else its own size
         size, size_note = (224, "") if augment == "imagenet" else infer_image_size(train)
-    if augment == "small":
-        train_tf, test_tf = small_image_transforms(size, size != native, mean, std)
+    resize = size != native
+    chosen = _choose_data_path(
+        data_path,
+        augment,
+        len(train) + len(test),
+        len(mean) * size * size,
+        resident_limit_mb,  # type: ignore[arg-type]
+    )
+    if chosen == "tensor":
+        cache = default_cache() / "resident"
+        train_split: Split = _resident(name, "train", train, size, resize, cache, mean, std, seed)
+        test_split: Split = _resident(name, "test", test, size, resize, cache, mean, std, seed)
+        train_split, test_split = train_split.first(train_subset), test_split.first(test_subset)
     else:
-        train_tf, test_tf = imagenet_transforms(size, mean, std)
+        if augment == "small":
+            train_tf, test_tf = small_image_transforms(size, resize, mean, std)
+        else:
+            train_tf, test_tf = imagenet_transforms(size, mean, std)
 
-    def first(dataset: Dataset, n: int | None) -> Dataset:
-        return dataset if n is None else Subset(dataset, range(min(n, len(dataset))))  # type: ignore[arg-type]
+        def first(dataset: Dataset, n: int | None) -> Dataset:
+            return dataset if n is None else Subset(dataset, range(min(n, len(dataset))))  # type: ignore[arg-type]
 
-    if len(train) == 0 or len(test) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"{name} in {data_dir} has an empty split; check the folder")
+        train_split = SeededTransform(first(train, train_subset), train_tf, seed)
+        test_split = SeededTransform(first(test, test_subset), test_tf, seed)
     return DataSplits(
-        train=SeededTransform(first(train, train_subset), train_tf, seed),
-        test=SeededTransform(first(test, test_subset), test_tf, seed),
+        train=train_split,
+        test=test_split,
         num_classes=len(classes),
         in_chans=len(mean),
         classes=classes,
         image_size=size,
         image_size_note=size_note,
+        data_path=chosen,
     )
+
+
+def _choose_data_path(
+    data_path: str, augment: str, n_images: int, image_bytes: int, limit_mb: float
+) -> str:
+    size_mb = n_images * image_bytes / 2**20
+    if data_path == "tensor" and augment != "small":
+        raise ValueError(
+            f"the tensor-resident data path does the small recipe's pad-crop + flip, not "
+            f"augment: {augment}; use --data-path per-sample (or auto) for it"
+        )
+    if data_path != "auto":
+        return data_path
+    return "tensor" if augment == "small" and size_mb <= limit_mb else "per-sample"
+
+
+def _resident(
+    name: str,
+    split: str,
+    dataset: Any,
+    size: int,
+    resize: bool,
+    cache: Path,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int,
+) -> ResidentSplit:
+    """A split decoded to uint8 at `size` (through the disk cache) as a ResidentSplit."""
+    if isinstance(dataset, CheckedImageFolder):
+        files = [Path(path) for path, _ in dataset.samples]
+        decode = lambda: _decode_folder(dataset, size)  # noqa: E731
+    else:
+        files = _array_sources(dataset)
+        decode = lambda: _decode_array(dataset, size, resize)  # noqa: E731
+    strict = getattr(dataset, "strict", False)  # a strict decode raises at a broken image
+    described = {"dataset": name, "split": split, "size": size, "resize": resize, "strict": strict}
+    key = source_key(described, files)
+    images, labels, unreadable = cached_decode(cache, f"{name}-{split}-{key}", decode)
+    return ResidentSplit(images, labels, mean, std, augment=split == "train", seed=seed,
+                         unreadable=unreadable)  # fmt: skip
+
+
+def _array_sources(dataset: datasets.VisionDataset) -> list[Path]:
+    """The files torchvision's FashionMNIST or CIFAR reads for this split."""
+    if isinstance(dataset, datasets.FashionMNIST):
+        prefix = "train" if dataset.train else "t10k"
+        return sorted(Path(dataset.raw_folder).glob(f"{prefix}-*-ubyte"))
+    names = dataset.train_list if dataset.train else dataset.test_list  # type: ignore[attr-defined]
+    return [Path(dataset.root) / dataset.base_folder / name for name, _ in names]  # type: ignore[attr-defined]
+
+
+def _decode_array(
+    dataset: datasets.VisionDataset, size: int, resize: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A torchvision data set that holds its split as one array (N x H x W [x C] uint8)."""
+    data = torch.as_tensor(dataset.data)  # type: ignore[attr-defined]
+    images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+    if resize:
+        images = TF.center_crop(TF.resize(images, [size], antialias=True), [size])
+    return images.contiguous(), torch.as_tensor(dataset.targets), 0  # type: ignore[attr-defined]
+
+
+def _decode_folder(
+    dataset: CheckedImageFolder, size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every readable image of an imagefolder split, shorter side resized to `size` and
+    center-cropped; unreadable ones are reported by path and counted (strict: raise)."""
+    images, labels = [], []
+    for path, label in dataset.samples:
+        image = open_rgb(path, dataset.strict)
+        if image is not None:
+            image = TF.center_crop(TF.resize(image, [size], antialias=True), [size])
+            images.append(TF.pil_to_tensor(image))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"no image in {dataset.root} could be read; check the files")
+    return torch.stack(images), torch.tensor(labels), len(dataset.samples) - len(images)

@@ -125,7 +125,13 @@ class DetectConfig:
         for name, (value, choices) in checks.items():
             if value not in choices:
                 raise unknown_choice(name, value, [str(c) for c in choices])
-        if self.backbone not in resnet_backbones():
+        if self.backbone.startswith("torchvision:"):  # a whole torchvision detector
+            from cbam.detection.model import torchvision_detectors
+
+            if self.backbone not in torchvision_detectors():
+                raise unknown_choice("torchvision detector", self.backbone,
+                                     torchvision_detectors())  # fmt: skip
+        elif self.backbone not in resnet_backbones():
             raise unknown_choice("detection backbone", self.backbone, resnet_backbones())
         positive = (
             "epochs", "batch_size", "base_batch_size", "log_every", "min_size", "max_size",

@@ -28,7 +28,7 @@ from cbam.complexity import count_parameters
 from cbam.detection.config import DetectConfig, load_detect_config
 from cbam.detection.data import DetectionData, build_detection_data, collate_detection
 from cbam.detection.evaluate import COCO_STATS, DetectionMetrics, evaluate_detector
-from cbam.detection.model import build_detector
+from cbam.detection.model import build_detector, build_torchvision_detector
 from cbam.interop import load_checkpoint
 from cbam.training import checkpoint as ckpt
 from cbam.training.config import save_config
@@ -85,6 +85,12 @@ def detector_from_config(
 ) -> FasterRCNN:
     """The configured detector; load_backbone_weights=False when full detector weights will
     be loaded next (resume, evaluation), so the backbone file need not be there any more."""
+    if config.backbone.startswith("torchvision:"):  # torchvision's detector, attached
+        return build_torchvision_detector(  # type: ignore[return-value]
+            config.backbone, config.attention, num_classes,
+            attention_kwargs=config.attention_kwargs, min_size=config.min_size,
+            max_size=config.max_size,
+        )  # fmt: skip
     frozen_bn = config.frozen_bn
     if frozen_bn is None:  # as build_backbone decides it when the weights are loaded
         frozen_bn = config.backbone_weights is not None
@@ -170,10 +176,11 @@ def _train(
     torch.manual_seed(config.seed)
     model = detector_from_config(config, data.num_classes, load_backbone_weights=state is None)
     backbone = model.backbone
-    # Save what build_backbone resolved, so resume and evaluation rebuild this very model.
-    config = replace(
-        config, trainable_layers=backbone.trainable_layers, frozen_bn=backbone.frozen_bn
-    )
+    if hasattr(backbone, "frozen_bn"):  # ours (torchvision's detectors decide it themselves)
+        # Save what build_backbone resolved, so resume and evaluation rebuild this very model.
+        config = replace(
+            config, trainable_layers=backbone.trainable_layers, frozen_bn=backbone.frozen_bn
+        )
     model.to(device)
     params = count_parameters(model)
     trained = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -73,3 +74,37 @@ def build_detector(
         box_predictor=FastRCNNPredictor(representation_size, num_classes),
         **faster_rcnn_kwargs,
     )
+
+
+def build_torchvision_detector(
+    name: str,
+    attention: AttentionSpec = "cbam",
+    num_classes: int = 91,
+    *,
+    attention_kwargs: Mapping[str, Any] | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    **kwargs: Any,
+) -> nn.Module:
+    """torchvision's detector `torchvision:NAME` (fasterrcnn_*, retinanet_*, fcos_*,
+    maskrcnn_*, keypointrcnn_*, ssd*), random weights, with `attention` attached with identity
+    init in its backbone body only: FPN and heads stay torchvision's."""
+    import torchvision
+
+    from cbam.interop.attach import attach
+
+    arch = name.partition(":")[2]
+    model = torchvision.models.get_model(
+        arch, weights=None, weights_backbone=None, num_classes=num_classes,
+        min_size=min_size, max_size=max_size, **kwargs,
+    )  # fmt: skip
+    if attention is not None:
+        attach(model, attention, identity_init=True, **dict(attention_kwargs or {}))
+    return model
+
+
+def torchvision_detectors() -> list[str]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models.detection)
+    return [f"torchvision:{n}" for n in names]

@@ -103,7 +103,7 @@ def load_models(
         )
     models = []
     for i, source in enumerate(sources):
-        values = dict(overrides or {})
+        values = {**(overrides or {}), "data_path": "per-sample"}  # explain reads PIL images
         if attentions is not None:
             values["attention"] = attentions[i if len(attentions) > 1 else 0]
         run = load_run(source, weights, values)

@@ -4,7 +4,7 @@ Imports go one way: layers <- models <- interop <- cli.
 """
 
 from cbam.interop.attach import SUPPORTED as ATTACH_SUPPORTED
-from cbam.interop.attach import attach
+from cbam.interop.attach import attach, plan_attach
 from cbam.interop.checkpoints import (
     LoadReport,
     load_checkpoint,
@@ -22,11 +22,13 @@ from cbam.interop.export import (
 from cbam.interop.identify import guess_model
 from cbam.interop.identity_blend import IdentityBlend
 from cbam.interop.official import convert_official, is_official
+from cbam.interop.placements import PLACEMENTS
 from cbam.interop.safe_load import Checkpoint, read_checkpoint
 
 __all__ = [
     "ATTACH_SUPPORTED",
     "FORMATS",
+    "PLACEMENTS",
     "Checkpoint",
     "CheckpointError",
     "IdentityBlend",
@@ -41,6 +43,7 @@ __all__ = [
     "load_torchvision",
     "onnx_batch_axis",
     "onnx_op_types",
+    "plan_attach",
     "read_checkpoint",
     "verify_export",
 ]

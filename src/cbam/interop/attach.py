@@ -1,50 +1,51 @@
-"""Insert attention into an existing torchvision, timm or cbam ResNet, keeping its weights.
+"""`attach`: insert attention into an existing CNN (torchvision, timm, cbam), keeping its weights.
 
-The layer goes where the paper puts it (REFERENCE.md section 2): on the output of each
-residual block's last BN, before the residual addition. Blocks are recognised by their
-exact class, never by name, because a subclass may compute something else.
+Where it goes comes from the network's structure (`placements`, read from one recorded
+forward pass, `trace`), not from a table of classes: the paper's place on every residual
+branch before the add, in place of the network's own SE layers, or once per stage. ResNet
+blocks with a named slot use it (`resnet_slots`). Detection and segmentation models get
+attention in their backbone body only: FPN, ASPP and heads are left alone.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
+from cbam._errors import unknown_choice
+from cbam.interop import placements as place
+from cbam.interop.attached import Attached, Swapped, unwrap
 from cbam.interop.identity_blend import IdentityBlend
+from cbam.interop.resnet_slots import SUPPORTED as SLOT_FAMILIES
+from cbam.interop.resnet_slots import Slot, find_slots
+from cbam.interop.trace import Trace, trace_model
+from cbam.layers import CBAM
 from cbam.layers.create_attention import AttentionSpec
 from cbam.models._common import attention_builders
 
 SUPPORTED = (
-    "torchvision.models.resnet.BasicBlock / Bottleneck (torchvision's resnet18-152, "
-    "resnext*, wide_resnet*)",
-    "timm.models.resnet.BasicBlock / Bottleneck (timm's resnet*, resnext*, wide_resnet*, "
-    "seresnet*, ecaresnet*, resnet*d, ...; the layer goes in the block's `se` slot)",
-    "cbam.models.resnet.BasicBlock / Bottleneck (cbam's own ResNets built without attention)",
+    "any CNN whose forward pass yields N x C x H x W feature maps: torchvision's and timm's "
+    "ResNet, ResNeXt, Wide ResNet, RegNet, MobileNet V2/V3, EfficientNet (V2), MNASNet, "
+    "ShuffleNet V2, ConvNeXt, GoogLeNet, Inception v3, DenseNet, SqueezeNet, VGG, AlexNet",
+    *SLOT_FAMILIES,
 )
+OUT_OF_SCOPE = "transformers (ViT, Swin, MaxViT, DeiT, ...)"
+TRACE_SIZES = (64, 128, 224)  # tried in turn: some nets (Inception v3) need more than 64 px
 
 
 @dataclass
-class _Slot:
-    name: str
-    block: nn.Module
-    attr: str  # the block attribute that holds the attention layer
-    swap_to: type[nn.Module] | None  # torchvision blocks: the class with an attention call
+class Plan:
+    """What `attach` will do (or did): the sites, what was skipped, how."""
 
-    @property
-    def existing(self) -> nn.Module | None:
-        if self.swap_to is not None:
-            return None
-        layer = getattr(self.block, self.attr, None)
-        return None if isinstance(layer, nn.Identity) else layer
-
-    @property
-    def channels(self) -> int:
-        last_conv = self.block.conv3 if hasattr(self.block, "conv3") else self.block.conv2
-        return int(last_conv.out_channels)
+    sites: list[place.Site]
+    skipped: list[place.Skipped] = field(default_factory=list)
+    placement: str = "residual"
+    body: str = ""  # the backbone body's path in a detection / segmentation model
+    slots: list[Slot] = field(default_factory=list)  # ResNet blocks with a named slot
 
 
 def attach(
@@ -53,22 +54,183 @@ def attach(
     *,
     identity_init: bool = False,
     replace: bool = False,
+    placement: str = "auto",
+    example_input: torch.Tensor | None = None,
     **attention_kwargs: Any,
 ) -> nn.Module:
-    """Add `attention` to every residual block of `model` (in place) and return the model.
+    """Add `attention` to `model` (in place) and return the model.
 
-    The pretrained weights stay where they are, under their own names; the new layers are
-    named `<block>.attention` (`<block>.se` in timm models). With the default
-    `identity_init=False` each block gets the paper's module with the paper's init, which
-    scales every residual branch by roughly 0.25 at first (both sigmoid gates start near
-    0.5), so the network must be fine-tuned. `identity_init=True` wraps each layer in an
-    `IdentityBlend` (x + alpha * (attention(x) - x), alpha = 0 at first), so the outputs are
-    exactly the original network's until training moves alpha; at alpha = 1 it is the
-    paper's module. `replace=True` swaps out attention the blocks already have (e.g. timm
-    SE-ResNets), dropping its weights. Keyword arguments go to the attention layer
+    placement: "residual" (the paper's: on every residual branch, before the add),
+    "replace-se" (in place of the network's SE layers), "stage" (once per stage output), or
+    "auto": residual where the network has residual adds, else stage.
+
+    The pretrained weights stay where they are, under their own names. With the default
+    `identity_init=False` each site gets the paper's module with the paper's init, which
+    scales the feature map by roughly 0.25 at first, so the network must be fine-tuned.
+    `identity_init=True` blends each layer with the identity (x + alpha * (attention(x) -
+    x), alpha = 0 at first; with replace-se, SE(x) + alpha * (CBAM(x) - SE(x))), so the
+    outputs are exactly the original network's until training moves alpha.
+    An attached model (or one with SE layers in ResNet slots) raises unless `replace=True`,
+    which removes what was attached before. `example_input` is the batch the structure is
+    read from (default: 1 x C x 64 x 64 zeros). Keyword arguments go to the attention layer
     (e.g. kernel_size=3).
     """
-    build, stage_build = attention_builders(attention, attention_kwargs)
+    build = _builder(attention, attention_kwargs)
+    plan = plan_attach(model, placement, replace=replace, example_input=example_input)
+    if plan.slots:
+        _fill_slots(plan, build, identity_init, replace, attention)
+        return model
+    body = model.get_submodule(plan.body)
+    if replace:
+        _remove_attached(body)
+    layers = [_layer(build, site, identity_init) for site in plan.sites]  # may raise first
+    # Deepest first, so that a wrapped module's path still leads to the ones inside it.
+    for site, layer in sorted(zip(plan.sites, layers, strict=True), key=_depth, reverse=True):
+        _insert(body, site, layer, identity_init)
+    return model
+
+
+def plan_attach(
+    model: nn.Module,
+    placement: str = "auto",
+    *,
+    replace: bool = False,
+    example_input: torch.Tensor | None = None,
+) -> Plan:
+    """The sites `attach` would use, without changing the model; raises for models it cannot
+    take (no feature maps, a transformer, attached already, an unknown placement)."""
+    if placement not in place.PLACEMENTS:
+        raise unknown_choice("placement", placement, place.PLACEMENTS)
+    body_path, body = backbone_body(model)
+    if placement in ("auto", "residual"):
+        slots = find_slots(body)
+        if slots:
+            sites = [place.Site(s.name, s.channels, "residual", "ResNet slot") for s in slots]
+            return Plan(sites, placement="residual", body=body_path, slots=slots)
+    attached = [n for n, m in body.named_modules() if isinstance(m, Attached | Swapped)]
+    if attached and not replace:
+        raise ValueError(
+            f"{type(model).__name__} already has attention attached at {len(attached)} "
+            f"site(s) ({', '.join(attached[:3])}{', ...' if len(attached) > 3 else ''}); "
+            f"pass replace=True to remove it and attach again"
+        )
+    built_in = [n for n, m in body.named_modules() if isinstance(m, CBAM | IdentityBlend)]
+    built_in = [n for n in built_in if not any(n.startswith(a + ".") for a in attached)]
+    if built_in:
+        raise ValueError(
+            f"{type(model).__name__} was built with attention ({built_in[0]}, ...); build it "
+            f"with attention=None to attach instead"
+        )
+    trace = _trace(_plain_copy(body) if attached else body, example_input, model)
+    return _plan_from_trace(trace, placement, body_path, type(model).__name__)
+
+
+def backbone_body(model: nn.Module) -> tuple[str, nn.Module]:
+    """A detection or segmentation model's backbone body (torchvision: `backbone.body` or
+    `backbone`), where attention goes; any other model is its own body."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module) or not _has_head(model):
+        return "", model
+    body = getattr(backbone, "body", None)
+    if isinstance(body, nn.Module):
+        return "backbone.body", body
+    return "backbone", backbone
+
+
+def _has_head(model: nn.Module) -> bool:
+    heads = ("roi_heads", "head", "classifier", "rpn")
+    return any(isinstance(getattr(model, h, None), nn.Module) for h in heads)
+
+
+def _plan_from_trace(trace: Trace, placement: str, body: str, name: str) -> Plan:
+    if trace.token_attention:
+        raise ValueError(
+            f"{name} attends over tokens (softmax in {trace.token_attention[0] or 'forward'}): "
+            f"attach takes convolutional networks; {OUT_OF_SCOPE} are out of scope"
+        )
+    if not any(c.output_shape and len(c.output_shape) == 4 for c in trace.calls.values()):
+        raise ValueError(
+            f"{name} has no convolutional feature maps (no module returns an N x C x H x W "
+            f"tensor), so there is nowhere to put CBAM. attach takes: {'; '.join(SUPPORTED)}"
+        )
+    skipped: list[place.Skipped] = []
+    if placement in ("auto", "residual"):
+        sites, skipped = place.residual_sites(trace)
+        if not sites and placement == "residual":
+            raise ValueError(
+                f"{name} has no residual adds of feature maps; use placement='stage' (once "
+                f"per stage output) or 'auto'"
+            )
+        if not sites:
+            skipped.append(place.Skipped("", "no residual adds: placement 'stage' instead"))
+            placement, sites = "stage", place.stage_sites(trace)
+        else:
+            placement = "residual"
+    elif placement == "replace-se":
+        sites = place.se_sites(trace)
+        if not sites:
+            raise ValueError(
+                f"{name} has no SE layers (modules that scale their input by an N x C x 1 x 1 "
+                f"gate); use placement='residual' or 'stage'"
+            )
+    else:
+        sites = place.stage_sites(trace)
+    usable = []
+    for site in sites:
+        count = trace.calls[site.path].count
+        if count > 1:
+            skipped.append(place.Skipped(site.path, f"called {count} times in one pass"))
+        else:
+            usable.append(site)
+    if not usable:
+        raise ValueError(f"attach found no site for placement {placement!r} in {name}")
+    return Plan(usable, skipped, placement, body)
+
+
+def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> Trace:
+    if example is not None:
+        return trace_model(body, example)
+    conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
+    weight = next(body.parameters(), None)
+    in_chans = conv.in_channels if conv is not None else 3
+    error: Exception | None = None
+    for size in TRACE_SIZES:
+        x = torch.zeros(1, in_chans, size, size)
+        if weight is not None:
+            x = x.to(device=weight.device, dtype=weight.dtype)
+        try:
+            return trace_model(body, x)
+        except (RuntimeError, ValueError, AssertionError, IndexError) as caught:
+            error = caught
+    raise ValueError(
+        f"attach could not run {type(model).__name__} on a 1 x {in_chans} x H x W image "
+        f"(H = W in {TRACE_SIZES}): {error}. Pass example_input= a batch the model takes; "
+        f"attach takes convolutional image models, {OUT_OF_SCOPE} are out of scope"
+    )
+
+
+def _builder(attention: AttentionSpec, kwargs: dict[str, Any]) -> Callable[[int], nn.Module]:
+    """The layer for C channels; below C = reduction (16), reduction becomes C (one hidden
+    unit), as MobileNets' and GhostNets' 8- and 12-channel stages need."""
+    build = _checked_builder(attention, kwargs)
+    if "reduction" in kwargs:
+        return build
+
+    def narrow_enough(channels: int) -> nn.Module:
+        try:
+            return build(channels)
+        except ValueError as error:
+            if "reduction" not in str(error):
+                raise
+            return _checked_builder(attention, {**kwargs, "reduction": channels})(channels)
+
+    return narrow_enough
+
+
+def _checked_builder(
+    attention: AttentionSpec, kwargs: dict[str, Any]
+) -> Callable[[int], nn.Module]:
+    build, stage_build = attention_builders(attention, kwargs)
     if build is None:
         if stage_build is not None:
             raise ValueError(
@@ -76,70 +238,69 @@ def attach(
                 "between stages; use 'cbam', 'se', 'channel', 'spatial' or a callable"
             )
         raise ValueError("attention=None attaches nothing; pick e.g. attention='cbam'")
-    slots = _find_blocks(model)
-    if not slots:
-        raise ValueError(_unsupported(model))
-    taken = [s for s in slots if s.existing is not None]
+    return build
+
+
+def _fill_slots(
+    plan: Plan, build: Callable[[int], nn.Module], identity_init: bool, replace: bool, name: Any
+) -> None:
+    taken = [s for s in plan.slots if s.existing is not None]
     if taken and not replace:
         kind = type(taken[0].existing).__name__
         names = ", ".join(s.name for s in taken[:3]) + (", ..." if len(taken) > 3 else "")
         raise ValueError(
             f"{len(taken)} block(s) already have attention ({kind} in {names}); pass "
-            f"replace=True to swap it for "
-            f"{attention!r} (its weights are dropped)"
+            f"replace=True to swap it for {name!r} (its weights are dropped)"
         )
-    layers = [_build_layer(build, slot, identity_init) for slot in slots]  # may raise: nothing
-    for slot, layer in zip(slots, layers, strict=True):  # changed until every layer is built
-        if slot.swap_to is not None:
-            slot.block.__class__ = slot.swap_to
-        setattr(slot.block, slot.attr, layer)
-    return model
+    layers = [_layer(build, site, identity_init) for site in plan.sites]
+    for slot, layer in zip(plan.slots, layers, strict=True):
+        slot.fill(_placed(layer, slot.block))
 
 
-def _build_layer(build: Callable[[int], nn.Module], slot: _Slot, identity_init: bool) -> nn.Module:
-    layer = build(slot.channels)
-    if identity_init:
+def _layer(build: Callable[[int], nn.Module], site: place.Site, identity_init: bool) -> nn.Module:
+    layer = build(site.channels)
+    if identity_init and site.placement != "replace-se":
         layer = IdentityBlend(layer)
-    weight = next(slot.block.parameters())
-    return layer.to(device=weight.device, dtype=weight.dtype).train(slot.block.training)
+    return layer
 
 
-def _find_blocks(model: nn.Module) -> list[_Slot]:
-    from cbam.models.resnet import BasicBlock, Bottleneck
-
-    families: list[tuple[tuple[type, ...], str, dict[type, type[nn.Module]]]] = [
-        ((BasicBlock, Bottleneck), "attention", {})
-    ]
-    torchvision_resnet = sys.modules.get("torchvision.models.resnet")
-    if torchvision_resnet is not None:  # a torchvision model can only exist once it's imported
-        from cbam.interop._torchvision_blocks import WITH_ATTENTION
-
-        families.append((tuple(WITH_ATTENTION), "attention", WITH_ATTENTION))
-        families.append((tuple(WITH_ATTENTION.values()), "attention", {}))
-    timm_resnet = sys.modules.get("timm.models.resnet")
-    if timm_resnet is not None:
-        families.append(((timm_resnet.BasicBlock, timm_resnet.Bottleneck), "se", {}))
-    slots = []
-    for name, module in model.named_modules():
-        for classes, attr, swap in families:
-            if type(module) in classes:
-                slots.append(_Slot(name, module, attr, swap.get(type(module))))
-    return slots
+def _insert(body: nn.Module, site: place.Site, layer: nn.Module, identity_init: bool) -> None:
+    parent_path, _, name = site.path.rpartition(".")
+    parent = body.get_submodule(parent_path)
+    module = getattr(parent, name)
+    if site.placement == "replace-se" and not identity_init:
+        setattr(parent, name, _placed(layer, module, body))
+        return
+    wrapper = (Swapped if site.placement == "replace-se" else Attached)(module, layer)
+    wrapper.attention = _placed(wrapper.attention, module, body)  # with Swapped's alpha
+    wrapper.training = module.training  # not .train(): the wrapped module keeps its modes
+    setattr(parent, name, wrapper)
 
 
-def _unsupported(model: nn.Module) -> str:
-    lookalikes = sorted(
-        {
-            f"{type(m).__module__}.{type(m).__name__}"
-            for m in model.modules()
-            if "block" in type(m).__name__.lower() or "bottleneck" in type(m).__name__.lower()
-        }
-    )
-    found = ""
-    if lookalikes:
-        found = f" It has blocks of type {', '.join(lookalikes)}, which attach does not know."
-    return (
-        f"attach found no residual block it supports in {type(model).__name__}.{found} "
-        f"Supported: {'; '.join(SUPPORTED)}. For other architectures, put cbam.CBAM(channels) "
-        f"into your own module's forward."
-    )
+def _placed(layer: nn.Module, near: nn.Module, fallback: nn.Module | None = None) -> nn.Module:
+    """`layer` on the device and in the dtype and mode of the module it goes next to."""
+    like = next(near.parameters(), None)
+    if like is None and fallback is not None:
+        like = next(fallback.parameters(), None)
+    if like is not None:
+        layer = layer.to(device=like.device, dtype=like.dtype)
+    return layer.train(near.training)
+
+
+def _remove_attached(body: nn.Module) -> None:
+    for path, module in sorted(body.named_modules(), key=lambda item: -item[0].count(".")):
+        if isinstance(module, Attached | Swapped):
+            parent_path, _, name = path.rpartition(".")
+            setattr(body.get_submodule(parent_path), name, unwrap(module))
+
+
+def _plain_copy(body: nn.Module) -> nn.Module:
+    import copy
+
+    plain = copy.deepcopy(body)
+    _remove_attached(plain)
+    return plain
+
+
+def _depth(item: tuple[place.Site, nn.Module]) -> int:
+    return item[0].path.count(".")

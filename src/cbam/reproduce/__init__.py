@@ -18,7 +18,7 @@ import torch
 
 from cbam._errors import check_positive_int
 from cbam.complexity import count_macs, count_parameters
-from cbam.data import DataSplits, build_datasets
+from cbam.data import DataSplits
 from cbam.paper import config_label
 from cbam.reproduce.grid import GridOutcome, cell_config, check_jobs, read_record, run_grid
 from cbam.reproduce.report import CellRuns, Row, summarize, write_report
@@ -26,7 +26,7 @@ from cbam.reproduce.stats import Difference, Estimate, paired_difference, t_quan
 from cbam.reproduce.tables import DEFAULT_MODELS, TABLE_NAMES, Cell, Table, get_tables
 from cbam.training.config import TrainConfig
 from cbam.training.runs import RunSummary
-from cbam.training.trainer import build_model
+from cbam.training.trainer import build_model, build_splits
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -112,10 +112,7 @@ def reproduce(
         for i, cell in enumerate(t.cells)
     }
     # Loading the data and building every model first stops a bad option before any training.
-    splits = build_datasets(
-        config.dataset, config.data_dir, config.augment, config.image_size,
-        config.train_subset, config.test_subset, config.strict_data, config.seed,
-    )  # fmt: skip
+    splits = build_splits(config)
     sizes = {
         (t.name, i): _complexity(configs[(t.name, i, seed_list[0])], splits)
         for t in chosen

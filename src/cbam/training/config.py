@@ -27,6 +27,12 @@ class TrainConfig:
     attention: str | None = "cbam"
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # torchvision:NAME / timm:NAME models (cbam.interop.external): `attention` is not used;
+    # `attach` is inserted with identity init at `attach_placement`, after the weights in
+    # `pretrained` (a local .safetensors/.pth file of the network as published) are loaded.
+    attach: str | None = None
+    attach_placement: str = "auto"
+    pretrained: str | None = None
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
@@ -36,6 +42,10 @@ class TrainConfig:
     test_subset: int | None = None
     workers: int = 0
     strict_data: bool = False
+    # "auto" | "tensor" | "per-sample" (cbam.data.DATA_PATHS): auto keeps a small-recipe data
+    # set as one tensor on the training device when it fits resident_limit_mb
+    data_path: str = "auto"
+    resident_limit_mb: float = 2048
     # optimisation
     epochs: int = 4
     batch_size: int = 128
@@ -83,6 +93,7 @@ class TrainConfig:
             "schedule": (self.schedule, ("cosine", "step", "constant")),
             "augment": (self.augment, ("small", "imagenet")),
             "amp": (self.amp, (None, "bf16", "fp16")),
+            "data_path": (self.data_path, ("auto", "tensor", "per-sample")),
         }
         for name, (value, choices) in checks.items():
             if value not in choices:
@@ -118,9 +129,25 @@ class TrainConfig:
                 continue
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of minutes, got {value!r}")
+        limit = self.resident_limit_mb
+        if not isinstance(limit, int | float) or isinstance(limit, bool) or limit < 0:
+            raise ValueError(f"resident_limit_mb must be a number of MiB >= 0, got {limit!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        self._validate_external()
         return self
+
+    def _validate_external(self) -> None:
+        from cbam.interop.external import is_external
+        from cbam.interop.placements import PLACEMENTS
+
+        if self.attach_placement not in PLACEMENTS:
+            raise unknown_choice("attach_placement", self.attach_placement, PLACEMENTS)
+        if (self.attach or self.pretrained) and not is_external(self.model):
+            raise ValueError(
+                f"attach and pretrained are for torchvision:NAME / timm:NAME models; "
+                f"{self.model!r} is cbam's own: use attention= and a weights file instead"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

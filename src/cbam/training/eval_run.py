@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from cbam.data import DataSplits, build_datasets, collate_skipping
+from cbam.data import DataSplits, split_batches
 from cbam.interop import load_checkpoint
 from cbam.training.config import ConfigT, TrainConfig, load_config
 from cbam.training.evaluate import EvalMetrics, evaluate
-from cbam.training.trainer import amp_dtype, build_model
+from cbam.training.trainer import amp_dtype, build_model, build_splits
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar")
 
@@ -69,10 +68,7 @@ def load_run(
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     torch.set_flush_denormal(config.flush_denormal)
-    splits = build_datasets(
-        config.dataset, config.data_dir, config.augment, config.image_size,
-        None, config.test_subset, config.strict_data, config.seed,
-    )  # fmt: skip
+    splits = build_splits(replace(config, train_subset=None)).to(device)
     model = build_model(config, splits)
     load_checkpoint(model, weights_file, source="cbam" if path.is_dir() else "auto")
     return LoadedRun(model.to(device).eval(), config, splits, device)
@@ -87,10 +83,8 @@ def evaluate_source(
     arguments as for `load_run`."""
     run = load_run(source, weights, overrides)
     config = run.config
-    loader = DataLoader(
-        run.splits.test, batch_size=config.batch_size, num_workers=config.workers,
-        collate_fn=collate_skipping,
-    )  # fmt: skip
+    test = run.splits.test
+    loader = split_batches(test, range(len(test)), config.batch_size, workers=config.workers)
     metrics = evaluate(
         run.model, loader, run.splits.num_classes, run.device, amp_dtype(config.amp, run.device),
         config.channels_last,

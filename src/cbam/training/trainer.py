@@ -26,13 +26,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cbam.complexity import count_parameters
-from cbam.data import DataSplits, build_datasets, collate_skipping
+from cbam.data import DataSplits, build_datasets, collate_skipping, split_batches
 from cbam.interop import load_checkpoint
+from cbam.interop.external import create_external, is_external
 from cbam.models import create_model
 from cbam.training import checkpoint as ckpt
 from cbam.training.config import TrainConfig, load_config, save_config
@@ -152,8 +153,23 @@ def stop_on_signals() -> Iterator[dict[str, bool]]:
             signal.signal(s, h)
 
 
+def build_splits(config: TrainConfig, data_path: str | None = None) -> DataSplits:
+    """The config's data (its data_path unless `data_path` is given)."""
+    return build_datasets(
+        config.dataset, config.data_dir, config.augment, config.image_size,
+        config.train_subset, config.test_subset, config.strict_data, config.seed,
+        data_path or config.data_path, config.resident_limit_mb,
+    )  # fmt: skip
+
+
 def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
     model_kwargs = dict(config.model_kwargs)
+    if is_external(config.model):  # torchvision:NAME / timm:NAME, attention attached
+        return create_external(
+            config.model, splits.num_classes, splits.in_chans, config.pretrained,
+            config.attach, config.attach_placement,
+            attention_kwargs=config.attention_kwargs, **model_kwargs,
+        )  # fmt: skip
     if splits.image_size <= 64:
         model_kwargs.setdefault("small_input", True)
     return create_model(
@@ -163,6 +179,17 @@ def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
         in_chans=splits.in_chans,
         attention_kwargs=config.attention_kwargs,
         **model_kwargs,
+    )
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.scaled_lr, momentum=config.momentum,
+            nesterov=config.nesterov, weight_decay=config.weight_decay,
+        )  # fmt: skip
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.scaled_lr, weight_decay=config.weight_decay
     )
 
 
@@ -280,10 +307,7 @@ def _train(
     dtype = amp_dtype(config.amp, device)
 
     # ---- data ---------------------------------------------------------------------------
-    splits = build_datasets(
-        config.dataset, config.data_dir, config.augment, config.image_size,
-        config.train_subset, config.test_subset, config.strict_data, config.seed,
-    )  # fmt: skip
+    splits = build_splits(config).to(device)
     world = dist_info.world_size
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide by {world} processes")
@@ -298,12 +322,9 @@ def _train(
             f"{len(splits.train)} training images make no full step of batch "
             f"{config.batch_size} x accumulate {config.accumulate}; lower the batch size"
         )
-    test_share = torch.utils.data.Subset(
-        splits.test, range(dist_info.rank, len(splits.test), world)
-    )
-    test_loader = DataLoader(
-        test_share, batch_size=per_rank_batch, num_workers=config.workers,
-        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+    test_loader = split_batches(
+        splits.test, range(dist_info.rank, len(splits.test), world), per_rank_batch,
+        workers=config.workers, report_unreadable=main, pin_memory=device.type == "cuda",
     )  # fmt: skip
 
     # ---- model, optimizer, schedule -----------------------------------------------------
@@ -316,15 +337,7 @@ def _train(
             raise ValueError("sync_bn needs CUDA devices (SyncBatchNorm has no CPU version)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     params = count_parameters(model)
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.scaled_lr, momentum=config.momentum,
-            nesterov=config.nesterov, weight_decay=config.weight_decay,
-        )  # fmt: skip
-    else:
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.scaled_lr, weight_decay=config.weight_decay
-        )
+    optimizer = build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, config)
     )
@@ -361,7 +374,8 @@ def _train(
         log(
             f"{config.model} + {config.attention or 'no attention'}: {params / 1e6:.3f}M params | "
             f"{config.dataset}: {len(splits.train)} train / {len(splits.test)} test images, "
-            f"{splits.image_size_note or f'{splits.image_size} px'} | "
+            f"{splits.image_size_note or f'{splits.image_size} px'}, {splits.data_path} data "
+            f"path | "
             f"{steps_per_epoch} steps/epoch x {config.epochs} epochs | batch {config.batch_size} "
             f"on {world} x {device.type} | lr {config.scaled_lr:g} | run folder {run_dir}"
             + (f" | resuming at epoch {start_epoch + 1}, step {step}" if state else "")
@@ -543,11 +557,11 @@ def start_epoch_pass(
     batches already seen, and carries over the sums and seconds saved in `state`, so a resumed
     run sees exactly the batches, and logs exactly the figures, of one never stopped."""
     source.sampler.set_epoch(epoch)
-    loader = DataLoader(
-        source.dataset, batch_size=source.batch_size,
-        sampler=list(source.sampler)[skip * source.batch_size :], drop_last=True,
-        num_workers=source.workers, collate_fn=source.collate_fn,
-        pin_memory=device.type == "cuda", generator=source.generator,
+    loader = split_batches(
+        source.dataset, list(source.sampler)[skip * source.batch_size :], source.batch_size,
+        drop_last=True, workers=source.workers, report_unreadable=main and not skip,
+        pin_memory=device.type == "cuda", collate_fn=source.collate_fn,
+        generator=source.generator,
     )  # fmt: skip
     totals = torch.zeros(n_totals, dtype=torch.float64, device=device)
     t0 = time.perf_counter()

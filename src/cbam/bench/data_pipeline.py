@@ -1,0 +1,163 @@
+"""How close `cbam train` runs to the model's own speed (issue 20).
+
+For each attention (none, cbam) and data path (tensor, per-sample), one `train()` epoch on
+`--images` training images, and around it a bare training step of the same model: the
+trainer's `build_model` and `build_optimizer`, one fixed batch already on the device,
+forward + loss + backward + optimiser step and nothing else (what `cbam bench --parts model`
+times). The ratio is the trainer's train img/s (its own figure: the training pass, no
+evaluation) over the mean of the bare step's img/s before and after it, so a machine that
+slows down during the run hits both sides. End-to-end img/s (train images over the whole
+`train()` call: data set build, model build, evaluation of `--test-images`, checkpoints) is
+reported beside it.
+
+    python -m cbam.bench.data_pipeline                      # 12,800 images, ~5 min on 2 cores
+    python -m cbam.bench.data_pipeline --images 2560 --rounds 1 --json figures.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbam.bench.overhead import BenchConfig, machine_info
+from cbam.training import load_config, train
+from cbam.training.trainer import build_model, build_optimizer, build_splits
+
+ATTENTIONS = ("none", "cbam")
+DATA_PATHS = ("tensor", "per-sample")
+
+
+def bare_step_rate(overrides: dict[str, Any], steps: int, warmup: int = 3) -> float:
+    """img/s of the trainer's model and optimiser stepping on one fixed, resident batch."""
+    config = load_config("small", overrides)
+    torch.set_flush_denormal(config.flush_denormal)  # as the trainer sets it
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = build_splits(config, "tensor").to(device)
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits).to(device).train()
+    optimizer = build_optimizer(config, model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    images, labels = splits.train.batch(torch.arange(config.batch_size))
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        criterion(model(images), labels).backward()
+        optimizer.step()
+    _sync(device)
+    return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rates(overrides: dict[str, Any], output: Path) -> tuple[float, float]:
+    """(the trainer's train img/s, train images over the whole call's wall time)."""
+    start = time.perf_counter()
+    result = train(load_config("small", {**overrides, "epochs": 1, "output": str(output)}))
+    seconds = time.perf_counter() - start
+    with open(result.run_dir / "metrics.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    return float(row["train_images_per_s"]), overrides["train_subset"] / seconds
+
+
+def run(
+    images: int, test_images: int, batch_size: int, rounds: int,
+    attentions: Sequence[str] = ATTENTIONS, data_paths: Sequence[str] = DATA_PATHS,
+) -> list[dict[str, Any]]:  # fmt: skip
+    steps = max(5, images // batch_size // 4)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for attention in attentions:
+                for data_path in data_paths:
+                    overrides = {
+                        "attention": attention, "data_path": data_path, "train_subset": images,
+                        "test_subset": test_images, "batch_size": batch_size,
+                        "base_batch_size": batch_size,
+                    }  # fmt: skip
+                    before = bare_step_rate(overrides, steps)
+                    trainer, end_to_end = train_rates(
+                        overrides, Path(tmp) / f"{r}-{attention}-{data_path}"
+                    )
+                    after = bare_step_rate(overrides, steps)
+                    bare = (before + after) / 2
+                    rows.append({
+                        "round": r, "attention": attention, "data_path": data_path,
+                        "bare_step_img_s": bare, "train_img_s": trainer,
+                        "end_to_end_img_s": end_to_end, "ratio": trainer / bare,
+                        "end_to_end_ratio": end_to_end / bare,
+                    })  # fmt: skip
+    return rows
+
+
+def report(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    lines = [
+        f"{settings['images']} Fashion-MNIST training images, {settings['test_images']} test "
+        f"images, batch {settings['batch_size']}, ResNet-20 (small recipe), "
+        f"{settings['rounds']} round(s); medians over rounds",
+        "",
+        "| attention | data path | bare step img/s | cbam train img/s | ratio | end-to-end img/s "
+        "| end-to-end ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = dict.fromkeys((row["attention"], row["data_path"]) for row in rows)
+    for attention, data_path in keys:
+        mine = [
+            row for row in rows if (row["attention"], row["data_path"]) == (attention, data_path)
+        ]
+
+        def med(key: str, mine: list[dict[str, Any]] = mine) -> float:
+            return statistics.median(row[key] for row in mine)
+
+        lines.append(
+            f"| {attention} | {data_path} | {med('bare_step_img_s'):.0f} | "
+            f"{med('train_img_s'):.0f} | {med('ratio'):.2f} | {med('end_to_end_img_s'):.0f} | "
+            f"{med('end_to_end_ratio'):.2f} |"
+        )
+    machine = settings["machine"]
+    lines += ["", f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
+              f"{machine['torch_threads']} torch threads, torch {machine['torch']}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=12800, help="training images (12800)")
+    parser.add_argument("--test-images", type=int, default=2560, help="test images (2560)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS))
+    parser.add_argument("--data-paths", nargs="+", default=list(DATA_PATHS), choices=DATA_PATHS)
+    parser.add_argument("--json", type=Path, help="also write the rows and settings here")
+    args = parser.parse_args(argv)
+    rows = run(args.images, args.test_images, args.batch_size, args.rounds, args.attention,
+               args.data_paths)  # fmt: skip
+    settings = {
+        "images": args.images, "test_images": args.test_images, "batch_size": args.batch_size,
+        "rounds": args.rounds, "machine": machine_info(BenchConfig(device="cpu")),
+    }  # fmt: skip
+    print(report(rows, settings))
+    if args.json:
+        args.json.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

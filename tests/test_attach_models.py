@@ -1,0 +1,229 @@
+"""cbam.attach on every torchvision CNN family and on timm's: identity at attach time, then it
+learns; placements, bad input, detection bodies, export."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from _attach_checks import (
+    SIZES,
+    TRANSFORMER_PREFIXES,
+    build_torchvision,
+    check_attach_keeps_then_learns,
+    randomise_norms,
+    run,
+    torchvision_classifiers,
+)
+from cbam import CBAM, attach
+from cbam.interop.attach import plan_attach
+from cbam.interop.attached import Attached, Swapped
+
+# One model per torchvision family (the smallest), for the default suite; the slow test
+# walks all of torchvision.models.list_models().
+FAMILIES = {
+    "resnet18": 8, "resnext50_32x4d": 16, "regnet_x_400mf": 22, "regnet_y_400mf": 16,
+    "mobilenet_v2": 10, "mobilenet_v3_small": 6, "efficientnet_b0": 9,
+    "efficientnet_v2_s": 35, "mnasnet0_5": 10, "shufflenet_v2_x0_5": 5, "convnext_tiny": 18,
+    "googlenet": 5, "inception_v3": 8, "densenet121": 5, "squeezenet1_1": 4, "vgg11": 5,
+    "alexnet": 3,
+}  # fmt: skip
+TIMM_FAMILIES = {
+    "resnet18": 8, "seresnet18": 8, "efficientnet_b0": 9, "mobilenetv3_small_050": 7,
+    "convnext_atto": 12, "regnety_002": 13, "ghostnet_050": 16, "densenet121": 5,
+    "dla34": 12, "rexnet_100": 5, "cspresnet50": 13, "mnasnet_small": 10,
+}  # fmt: skip
+TIMM_SLOW = ["hrnet_w18_small", "res2net50_14w_8s", "dpn68", "vgg11", "resnet50d",
+             "efficientnetv2_rw_t", "regnetx_002", "tf_mixnet_s", "nf_resnet26"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_torchvision_family(name):
+    count = check_attach_keeps_then_learns(build_torchvision(name), SIZES.get(name, 64))
+    assert count == FAMILIES[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision_classifiers())
+def test_every_torchvision_classifier(name):
+    model = build_torchvision(name)
+    if name.startswith(TRANSFORMER_PREFIXES):
+        with pytest.raises(ValueError, match=r"transformers .* out of scope"):
+            attach(model, "cbam", identity_init=True)
+        return
+    assert check_attach_keeps_then_learns(model, SIZES.get(name, 64)) >= 1
+
+
+def build_timm(name):
+    return timm.create_model(name, pretrained=False, num_classes=10)
+
+
+@pytest.mark.parametrize("name", list(TIMM_FAMILIES))
+def test_timm_family(name):
+    # timm's SE-ResNets have SE in the slot CBAM would take: attach asks for replace=True
+    # (test_attach.py), or CBAM takes the SE layers' place, starting as them.
+    options = {"placement": "replace-se"} if name.startswith("se") else {}
+    assert check_attach_keeps_then_learns(build_timm(name), **options) == TIMM_FAMILIES[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_SLOW)
+def test_more_timm_families(name):
+    assert check_attach_keeps_then_learns(build_timm(name)) >= 1
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 32, 8, stride=8)
+        self.encoder = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return self.head(self.encoder(tokens).mean(1))
+
+
+def test_transformers_are_refused_as_out_of_scope():
+    with pytest.raises(ValueError, match=r"ViT, Swin, MaxViT.*out of scope"):
+        attach(TinyTransformer(), "cbam")
+
+
+def test_model_without_feature_maps_is_an_error():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))
+    with pytest.raises(ValueError, match="no convolutional feature maps"):
+        attach(mlp, "cbam")
+    with pytest.raises(ValueError, match="could not run Linear"):
+        attach(nn.Linear(10, 2), "cbam")
+
+
+def test_unknown_placement_and_residual_without_adds():
+    with pytest.raises(ValueError, match=r"unknown placement 'resdual'.*residual"):
+        attach(torchvision.models.mobilenet_v2(), "cbam", placement="resdual")
+    with pytest.raises(ValueError, match=r"no residual adds.*placement='stage'"):
+        attach(torchvision.models.squeezenet1_1(), "cbam", placement="residual")
+    with pytest.raises(ValueError, match="has no SE layers"):
+        attach(torchvision.models.mobilenet_v2(), "cbam", placement="replace-se")
+
+
+def test_attaching_twice_needs_replace():
+    model = attach(torchvision.models.mobilenet_v2(num_classes=10), "cbam", identity_init=True)
+    first = [m for m in model.modules() if isinstance(m, Attached)]
+    with pytest.raises(ValueError, match=r"already has attention attached at 10 .*replace=True"):
+        attach(model, "cbam")
+    assert [m for m in model.modules() if isinstance(m, Attached)] == first  # unchanged
+    attach(model, "se", replace=True, placement="stage")
+    assert not any(isinstance(m, CBAM) for m in model.modules())
+    assert sum(isinstance(m, Attached) for m in model.modules()) == 5
+
+
+def test_replace_se_starts_as_the_se_layers():
+    model = randomise_norms(torchvision.models.mobilenet_v3_small(num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    before = run(model, x)
+    attach(model, "cbam", identity_init=True, placement="replace-se")
+    swapped = [m for m in model.modules() if isinstance(m, Swapped)]
+    assert len(swapped) == 9
+    assert all(isinstance(m.module, torchvision.ops.SqueezeExcitation) for m in swapped)
+    torch.testing.assert_close(run(model, x), before, rtol=0, atol=1e-6)
+    plain = attach(torchvision.models.mobilenet_v3_small(), "cbam", placement="replace-se")
+    assert not any(isinstance(m, torchvision.ops.SqueezeExcitation) for m in plain.modules())
+
+
+def test_stage_placement_on_a_resnet():
+    plan = plan_attach(torchvision.models.resnet18(), "stage")
+    assert [s.path for s in plan.sites] == ["relu", "layer1", "layer2", "layer3", "layer4"]
+    assert [s.channels for s in plan.sites] == [64, 64, 128, 256, 512]
+
+
+def test_state_dict_names_stay_the_plain_models():
+    plain = torchvision.models.mobilenet_v2(num_classes=10)
+    model = attach(torchvision.models.mobilenet_v2(num_classes=10), "cbam", identity_init=True)
+    keys = set(model.state_dict())
+    assert set(plain.state_dict()) <= keys
+    assert all(".attention." in k for k in keys - set(plain.state_dict()))
+    result = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".attention." in k for k in result.missing_keys)
+    torch.testing.assert_close(run(model.eval(), torch.randn(1, 3, 64, 64)),
+                               run(plain.eval(), torch.randn(1, 3, 64, 64)))  # fmt: skip
+    again = attach(torchvision.models.mobilenet_v2(num_classes=10), "cbam", identity_init=True)
+    again.load_state_dict(model.state_dict())  # round trip, strict
+
+
+DETECTORS = {
+    "fasterrcnn_mobilenet_v3_large_fpn": "backbone.body",
+    "retinanet_resnet50_fpn": "backbone.body",
+    "fcos_resnet50_fpn": "backbone.body",
+    "deeplabv3_mobilenet_v3_large": "backbone",
+    "lraspp_mobilenet_v3_large": "backbone",
+}
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_detection_and_segmentation_get_attention_in_the_backbone_body_only(name):
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    plan = plan_attach(model)
+    assert plan.body == DETECTORS[name] and plan.sites
+    attach(model, "cbam", identity_init=True)
+    for path, module in model.named_modules():
+        if isinstance(module, CBAM):
+            assert path.startswith(DETECTORS[name] + "."), path
+
+
+def test_attached_mobilenet_exports_and_runs_channels_last_and_bf16(tmp_path):
+    import cbam
+
+    model = attach(randomise_norms(torchvision.models.mobilenet_v3_small(num_classes=10)),
+                   "cbam", identity_init=True)  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "alpha"):
+                m.alpha.fill_(0.5)
+    path = cbam.export_model(model, tmp_path / "m.onnx", input_size=64, dynamo=False)
+    assert max(cbam.verify_export(model, path, input_size=64).values()) < 1e-4
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model.eval(), (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    expected = model(x)
+    model_cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model_cl(x.to(memory_format=torch.channels_last)), expected,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.slow
+def test_attached_model_compiles():
+    model = attach(torchvision.models.mobilenet_v3_small(num_classes=10), "cbam",
+                   identity_init=True).eval()  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_new_layers_take_the_models_dtype():
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).double()
+    attach(model, "cbam", identity_init=True, placement="replace-se")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_attached_model_trains_under_ddp(tmp_path):
+    """One gloo process: DDP's parameter and buffer handling sees the wrappers' modules."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = attach(torchvision.models.mobilenet_v3_small(num_classes=10), "cbam",
+                   identity_init=True)  # fmt: skip
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        loss = nn.functional.cross_entropy(ddp(torch.randn(2, 3, 64, 64)), torch.tensor([1, 2]))
+        loss.backward()
+        alphas = [p for n, p in model.named_parameters() if n.endswith("alpha")]
+        assert len(alphas) == 6 and all(p.grad is not None for p in alphas)
+    finally:
+        dist.destroy_process_group()
