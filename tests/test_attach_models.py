@@ -19,6 +19,7 @@ from _attach_checks import (
     torchvision_classifiers,
 )
 from cbam import CBAM, attach
+from cbam import attach_report as cbam_attach_report
 from cbam.interop.attach import plan_attach
 from cbam.interop.attached import Attached, Swapped
 
@@ -227,3 +228,59 @@ def test_attached_model_trains_under_ddp(tmp_path):
         assert len(alphas) == 6 and all(p.grad is not None for p in alphas)
     finally:
         dist.destroy_process_group()
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class UsersResidualNet(nn.Module):
+    """A network as a user writes one: no block classes, the residual adds in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 16), nn.ReLU())
+        self.branch1 = nn.Sequential(conv_bn(16, 16), nn.ReLU(), conv_bn(16, 16))
+        self.down = nn.Sequential(conv_bn(16, 32, stride=2), nn.ReLU())
+        self.branch2 = nn.Sequential(conv_bn(32, 32), nn.ReLU(), conv_bn(32, 32))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.branch1(x))
+        x = self.down(x)
+        x = torch.relu(self.branch2(x) + x)
+        return self.fc(x.mean((2, 3)))
+
+
+def users_plain_net() -> nn.Module:
+    return nn.Sequential(
+        conv_bn(3, 16), nn.ReLU(), conv_bn(16, 16), nn.ReLU(), nn.MaxPool2d(2),
+        conv_bn(16, 32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def test_a_users_own_networks():
+    plan = plan_attach(UsersResidualNet())
+    assert [(s.path, s.channels, s.placement) for s in plan.sites] == [
+        ("branch1", 16, "residual"), ("branch2", 32, "residual"),
+    ]  # fmt: skip
+    assert check_attach_keeps_then_learns(UsersResidualNet()) == 2
+    plan = plan_attach(users_plain_net())
+    assert plan.placement == "stage"
+    assert [(s.path, s.channels) for s in plan.sites] == [("3", 16), ("6", 32)]
+    assert check_attach_keeps_then_learns(users_plain_net()) == 2
+
+
+def test_attach_with_report_prints_what_it_did(capsys):
+    model = UsersResidualNet()
+    params = sum(p.numel() for p in model.parameters())
+    assert attach(model, "cbam", identity_init=True, report=True) is model
+    out = capsys.readouterr().out
+    added = sum(p.numel() for p in model.parameters()) - params
+    assert sum(isinstance(m, CBAM) for m in model.modules()) == 2
+    assert "UsersResidualNet: 2 attention layer(s), placement 'residual'" in out
+    assert f"params: {params / 1e6:.3f} M + {added / 1e6:.4f} M" in out
+    assert "  branch1        16  residual" in out and "MACs at 224 px" in out
+    report = cbam_attach_report(UsersResidualNet(), input_size=None)
+    assert report.params_added == added and report.macs is None

@@ -179,3 +179,21 @@ def test_bench_subcommand_registers_its_options():
 def test_bad_configuration_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown mode 'jit'"):
         run_overhead(BenchConfig(modes=("jit",)))
+
+
+def test_data_pipeline_benchmark_reports_both_paths(tmp_path, capsys):
+    """A tiny run of `python -m cbam.bench.data_pipeline`: every row measured, ratios the
+    quotient of the figures they come from, evaluation timed on the images asked for."""
+    from cbam.bench import data_pipeline
+
+    out = tmp_path / "figures.json"
+    args = ["--images", "256", "--test-images", "64", "--batch-size", "64", "--rounds", "1",
+            "--attention", "none", "--eval-images", "128", "--json", str(out)]  # fmt: skip
+    assert data_pipeline.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["data_path"] for row in rows] == ["tensor", "per-sample"]
+    for row in rows:
+        assert row["eval_images"] == 128 and row["eval_s"] > 0
+        assert row["ratio"] == pytest.approx(row["train_img_s"] / row["bare_step_img_s"])
+    printed = capsys.readouterr().out
+    assert "| none | tensor |" in printed and "(128 images) |" in printed

@@ -187,3 +187,19 @@ def test_data_path_errors():
         build_datasets("fashion-mnist", None, data_path="gpu")
     with pytest.raises(ValueError, match="per-sample"):
         build_datasets("fashion-mnist", None, augment="imagenet", data_path="tensor")
+
+
+def test_channels_last_batches_come_out_of_the_gather_in_that_layout():
+    split = random_split()
+    split.set_epoch(1)
+    indices = torch.tensor([5, 2, 40])
+    labels = split.batch(indices)[1]
+    for augment in (True, False):
+        split.augment = augment
+        expected = split.to("cpu").batch(indices)[0]
+        images, same_labels = split.to("cpu", channels_last=True).batch(indices)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert not images.is_contiguous() and expected.is_contiguous()
+        assert torch.equal(images, expected) and torch.equal(same_labels, labels)
+    assert torch.equal(split.to("cpu").batch(indices)[0], split.batch(indices)[0])
+    assert split.to("cpu") is split

@@ -8,7 +8,8 @@ times). The ratio is the trainer's train img/s (its own figure: the training pas
 evaluation) over the mean of the bare step's img/s before and after it, so a machine that
 slows down during the run hits both sides. End-to-end img/s (train images over the whole
 `train()` call: data set build, model build, evaluation of `--test-images`, checkpoints) is
-reported beside it.
+reported beside it. Then evaluation on its own: the seconds to evaluate the whole test split
+(10,000 images) through each path, with the model as `cbam eval` runs it.
 
     python -m cbam.bench.data_pipeline                      # 12,800 images, ~5 min on 2 cores
     python -m cbam.bench.data_pipeline --images 2560 --rounds 1 --json figures.json
@@ -30,8 +31,10 @@ import torch
 from torch import nn
 
 from cbam.bench.overhead import BenchConfig, machine_info
+from cbam.data import split_batches
 from cbam.training import load_config, train
-from cbam.training.trainer import build_model, build_optimizer, build_splits
+from cbam.training.evaluate import evaluate
+from cbam.training.trainer import amp_dtype, build_model, build_optimizer, build_splits
 
 ATTENTIONS = ("none", "cbam")
 DATA_PATHS = ("tensor", "per-sample")
@@ -42,7 +45,7 @@ def bare_step_rate(overrides: dict[str, Any], steps: int, warmup: int = 3) -> fl
     config = load_config("small", overrides)
     torch.set_flush_denormal(config.flush_denormal)  # as the trainer sets it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = build_splits(config, "tensor").to(device)
+    splits = build_splits(config, "tensor").to(device, config.channels_last)
     torch.manual_seed(config.seed)
     model = build_model(config, splits).to(device).train()
     optimizer = build_optimizer(config, model)
@@ -60,6 +63,26 @@ def bare_step_rate(overrides: dict[str, Any], steps: int, warmup: int = 3) -> fl
         optimizer.step()
     _sync(device)
     return steps * config.batch_size / (time.perf_counter() - start)
+
+
+def eval_seconds(overrides: dict[str, Any], images: int | None = None) -> tuple[float, int]:
+    """(seconds, images) to evaluate the first `images` of the test split (None: all of it)
+    through `overrides['data_path']`, data set build excluded."""
+    config = load_config("small", {**overrides, "test_subset": images})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = build_splits(config).to(device, config.channels_last)
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits).to(device).eval()
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    test = splits.test
+    batches = split_batches(test, range(len(test)), config.batch_size, workers=config.workers)
+    _sync(device)
+    start = time.perf_counter()
+    metrics = evaluate(model, batches, splits.num_classes, device,
+                       amp_dtype(config.amp, device), config.channels_last)  # fmt: skip
+    _sync(device)
+    return time.perf_counter() - start, metrics.images
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +103,7 @@ def train_rates(overrides: dict[str, Any], output: Path) -> tuple[float, float]:
 def run(
     images: int, test_images: int, batch_size: int, rounds: int,
     attentions: Sequence[str] = ATTENTIONS, data_paths: Sequence[str] = DATA_PATHS,
+    eval_images: int | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     steps = max(5, images // batch_size // 4)
     rows: list[dict[str, Any]] = []
@@ -98,11 +122,13 @@ def run(
                     )
                     after = bare_step_rate(overrides, steps)
                     bare = (before + after) / 2
+                    seconds, evaluated = eval_seconds(overrides, eval_images)
                     rows.append({
                         "round": r, "attention": attention, "data_path": data_path,
                         "bare_step_img_s": bare, "train_img_s": trainer,
                         "end_to_end_img_s": end_to_end, "ratio": trainer / bare,
-                        "end_to_end_ratio": end_to_end / bare,
+                        "end_to_end_ratio": end_to_end / bare, "eval_s": seconds,
+                        "eval_images": evaluated,
                     })  # fmt: skip
     return rows
 
@@ -114,8 +140,8 @@ def report(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"{settings['rounds']} round(s); medians over rounds",
         "",
         "| attention | data path | bare step img/s | cbam train img/s | ratio | end-to-end img/s "
-        "| end-to-end ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| end-to-end ratio | eval s (test split) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keys = dict.fromkeys((row["attention"], row["data_path"]) for row in rows)
     for attention, data_path in keys:
@@ -129,7 +155,8 @@ def report(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         lines.append(
             f"| {attention} | {data_path} | {med('bare_step_img_s'):.0f} | "
             f"{med('train_img_s'):.0f} | {med('ratio'):.2f} | {med('end_to_end_img_s'):.0f} | "
-            f"{med('end_to_end_ratio'):.2f} |"
+            f"{med('end_to_end_ratio'):.2f} | {med('eval_s'):.1f} ({mine[0]['eval_images']} "
+            f"images) |"
         )
     machine = settings["machine"]
     lines += ["", f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, "
@@ -145,10 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--attention", nargs="+", default=list(ATTENTIONS))
     parser.add_argument("--data-paths", nargs="+", default=list(DATA_PATHS), choices=DATA_PATHS)
+    parser.add_argument("--eval-images", type=int, help="test images timed alone (all)")
     parser.add_argument("--json", type=Path, help="also write the rows and settings here")
     args = parser.parse_args(argv)
     rows = run(args.images, args.test_images, args.batch_size, args.rounds, args.attention,
-               args.data_paths)  # fmt: skip
+               args.data_paths, args.eval_images)  # fmt: skip
     settings = {
         "images": args.images, "test_images": args.test_images, "batch_size": args.batch_size,
         "rounds": args.rounds, "machine": machine_info(BenchConfig(device="cpu")),

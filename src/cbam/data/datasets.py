@@ -122,11 +122,13 @@ class DataSplits:
     image_size_note: str = ""  # how image_size was chosen, when the data chose it
     data_path: str = "per-sample"  # "tensor" or "per-sample", as chosen
 
-    def to(self, device: torch.device) -> DataSplits:
-        """These splits with resident tensors moved to `device` (per-sample ones as they are)."""
+    def to(self, device: torch.device, channels_last: bool = False) -> DataSplits:
+        """These splits with resident tensors moved to `device`, their batches channels_last
+        or not (per-sample ones as they are)."""
         if self.data_path != "tensor":
             return self
-        return replace(self, train=self.train.to(device), test=self.test.to(device))  # type: ignore[union-attr]
+        train = self.train.to(device, channels_last)  # type: ignore[call-arg]
+        return replace(self, train=train, test=self.test.to(device, channels_last))  # type: ignore[call-arg]
 
 
 def split_batches(

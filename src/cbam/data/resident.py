@@ -73,12 +73,13 @@ def pad_crop_flip(
     cols = dx[:, None] + torch.where(flip[:, None].bool(), width - 1 - cols, cols)
     batch = torch.arange(n, device=images.device)[:, None, None]
     crops = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # N x H x W x C
-    return crops.permute(0, 3, 1, 2).contiguous()
+    return crops.permute(0, 3, 1, 2)  # channels_last in memory; callers choose the layout
 
 
 class ResidentSplit:
     """One split held as a uint8 N x C x H x W tensor; `batch(indices)` returns it
-    augmented (train) and normalised, on the tensor's device."""
+    augmented (train) and normalised, on the tensor's device, in `memory_format` (set by
+    `to`: channels_last batches come straight out of the gather, with no copy to convert)."""
 
     def __init__(
         self,
@@ -101,6 +102,7 @@ class ResidentSplit:
         self.shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, -1, 1, 1)
         self.shift = self.shift.to(images.device)
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.memory_format = torch.contiguous_format
         self.unreadable = unreadable  # images left out at decoding, reported once per epoch
 
     def __len__(self) -> int:
@@ -113,14 +115,17 @@ class ResidentSplit:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def to(self, device: torch.device | str) -> ResidentSplit:
-        """This split with its tensors on `device` (the same object if already there)."""
-        if torch.device(device) == self.device:
+    def to(self, device: torch.device | str, channels_last: bool = False) -> ResidentSplit:
+        """This split with its tensors on `device`, making batches channels_last or not (the
+        same object if nothing changes)."""
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if torch.device(device) == self.device and memory_format == self.memory_format:
             return self
         moved = ResidentSplit.__new__(ResidentSplit)
         moved.__dict__.update(self.__dict__)
         for name in ("images", "labels", "scale", "shift"):
             setattr(moved, name, getattr(self, name).to(device))
+        moved.memory_format = memory_format
         return moved
 
     def first(self, n: int | None) -> ResidentSplit:
@@ -136,13 +141,14 @@ class ResidentSplit:
         """The samples at `indices`, augmented when this is a training split, still uint8."""
         indices = indices.to(self.device)
         images = self.images.index_select(0, indices)
-        if not self.augment:
-            return images
-        dy, dx, flip = augment_draws(self.seed, self.epoch, indices)
-        return pad_crop_flip(images, dy, dx, flip)  # type: ignore[arg-type]
+        if self.augment:
+            dy, dx, flip = augment_draws(self.seed, self.epoch, indices)
+            images = pad_crop_flip(images, dy, dx, flip)  # type: ignore[arg-type]
+        return images.contiguous(memory_format=self.memory_format)
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised float32 images, labels) of the samples at `indices`."""
+        """(normalised float32 images, labels) of the samples at `indices`; the conversion
+        and the multiply-add keep the uint8 batch's memory format."""
         images = self.uint8_batch(indices).float().mul_(self.scale).add_(self.shift)
         return images, self.labels.index_select(0, indices.to(self.device))
 

@@ -23,19 +23,23 @@ from cbam.interop.identify import guess_model
 from cbam.interop.identity_blend import IdentityBlend
 from cbam.interop.official import convert_official, is_official
 from cbam.interop.placements import PLACEMENTS
+from cbam.interop.report import AttachReport, attach_report, format_report
 from cbam.interop.safe_load import Checkpoint, read_checkpoint
 
 __all__ = [
     "ATTACH_SUPPORTED",
     "FORMATS",
     "PLACEMENTS",
+    "AttachReport",
     "Checkpoint",
     "CheckpointError",
     "IdentityBlend",
     "LoadReport",
     "attach",
+    "attach_report",
     "convert_official",
     "export_model",
+    "format_report",
     "guess_model",
     "is_official",
     "load_checkpoint",

@@ -56,6 +56,7 @@ def attach(
     replace: bool = False,
     placement: str = "auto",
     example_input: torch.Tensor | None = None,
+    report: bool = False,
     **attention_kwargs: Any,
 ) -> nn.Module:
     """Add `attention` to `model` (in place) and return the model.
@@ -72,9 +73,20 @@ def attach(
     outputs are exactly the original network's until training moves alpha.
     An attached model (or one with SE layers in ResNet slots) raises unless `replace=True`,
     which removes what was attached before. `example_input` is the batch the structure is
-    read from (default: 1 x C x 64 x 64 zeros). Keyword arguments go to the attention layer
-    (e.g. kernel_size=3).
+    read from (default: 1 x C x 64 x 64 zeros). `report=True` prints where attention went,
+    the parameters and MACs (224 px) it added and what was skipped (`cbam.attach_report`
+    returns the same as data). Keyword arguments go to the attention layer (e.g.
+    kernel_size=3).
     """
+    if report:
+        from cbam.interop.report import attach_report, format_report
+
+        found = attach_report(
+            model, attention, placement, identity_init=identity_init, replace=replace,
+            example_input=example_input, in_place=True, **attention_kwargs,
+        )  # fmt: skip
+        print(format_report(found))
+        return model
     build = _builder(attention, attention_kwargs)
     plan = plan_attach(model, placement, replace=replace, example_input=example_input)
     if plan.slots:

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from cbam.complexity import count_macs, count_parameters
@@ -38,22 +39,31 @@ def attach_report(
     name: str | None = None,
     input_size: int | None = 224,
     identity_init: bool = True,
+    replace: bool = False,
+    example_input: torch.Tensor | None = None,
+    in_place: bool = False,
     **attention_kwargs: Any,
 ) -> AttachReport:
-    """Plan and count on a copy: `model` is not changed. `input_size=None` skips MACs."""
-    plan = plan_attach(model, placement)
-    attached = attach(copy.deepcopy(model), attention, identity_init=identity_init,
-                      placement=placement, **attention_kwargs)  # fmt: skip
+    """What `attach` does to `model`: on a copy (`model` is not changed) unless `in_place`,
+    which is `attach(..., report=True)`. `input_size=None` skips MACs. Params and MACs are
+    those of the model as given."""
+    plan = plan_attach(model, placement, replace=replace, example_input=example_input)
+    body = model.get_submodule(plan.body)
+    in_chans = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 3)
+    params = count_parameters(model)
+    macs = None if input_size is None else count_macs(body, input_size, in_chans)
+    attached = attach(
+        model if in_place else copy.deepcopy(model), attention, identity_init=identity_init,
+        replace=replace, placement=placement, example_input=example_input, **attention_kwargs,
+    )  # fmt: skip
     report = AttachReport(
         name or type(model).__name__, plan.placement, plan.body or WHOLE,
-        plan.sites, plan.skipped, count_parameters(model),
-        count_parameters(attached) - count_parameters(model),
+        plan.sites, plan.skipped, params, count_parameters(attached) - params,
     )  # fmt: skip
-    if input_size is not None:
-        body, attached_body = model.get_submodule(plan.body), attached.get_submodule(plan.body)
-        in_chans = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 3)
-        report.macs = count_macs(body, input_size, in_chans)
-        report.macs_added = count_macs(attached_body, input_size, in_chans) - report.macs
+    if input_size is not None and macs is not None:
+        report.macs = macs
+        report.macs_added = count_macs(attached.get_submodule(plan.body), input_size, in_chans)
+        report.macs_added -= macs
         report.input_size = input_size
     return report
 

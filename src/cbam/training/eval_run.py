@@ -68,7 +68,7 @@ def load_run(
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if config.device == "auto" else config.device)
     torch.set_flush_denormal(config.flush_denormal)
-    splits = build_splits(replace(config, train_subset=None)).to(device)
+    splits = build_splits(replace(config, train_subset=None)).to(device, config.channels_last)
     model = build_model(config, splits)
     load_checkpoint(model, weights_file, source="cbam" if path.is_dir() else "auto")
     return LoadedRun(model.to(device).eval(), config, splits, device)

@@ -307,7 +307,7 @@ def _train(
     dtype = amp_dtype(config.amp, device)
 
     # ---- data ---------------------------------------------------------------------------
-    splits = build_splits(config).to(device)
+    splits = build_splits(config).to(device, config.channels_last)
     world = dist_info.world_size
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide by {world} processes")
