@@ -34,7 +34,13 @@ SUPPORTED = (
     *SLOT_FAMILIES,
 )
 OUT_OF_SCOPE = "transformers (ViT, Swin, MaxViT, DeiT, ...)"
-TRACE_SIZES = (64, 128, 224)  # tried in turn: some nets (Inception v3) need more than 64 px
+FROZEN = (
+    "frozen layers (no parameter requires grad): unfreeze them first (requires_grad_(True); "
+    "torchvision's detectors: trainable_backbone_layers=5) to attend there"
+)
+# A model with one of these and no `backbone` is a detector attach cannot find the body of.
+DETECTOR_PARTS = ("roi_heads", "rpn", "anchor_generator")
+TRACE_SIZES = (64, 128, 224, 320)  # tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224
 
 
 @dataclass
@@ -118,7 +124,9 @@ def plan_attach(
         slots = find_slots(body)
         if slots:
             sites = [place.Site(s.name, s.channels, "residual", "ResNet slot") for s in slots]
-            return Plan(sites, placement="residual", body=body_path, slots=slots)
+            return _without_frozen(
+                Plan(sites, placement="residual", body=body_path, slots=slots), body
+            )
     attached = [n for n, m in body.named_modules() if isinstance(m, Attached | Swapped)]
     if attached and not replace:
         raise ValueError(
@@ -134,19 +142,56 @@ def plan_attach(
             f"with attention=None to attach instead"
         )
     trace = _trace(_plain_copy(body) if attached else body, example_input, model)
-    return _plan_from_trace(trace, placement, body_path, type(model).__name__)
+    return _without_frozen(
+        _plan_from_trace(trace, placement, body_path, type(model).__name__), body
+    )
 
 
 def backbone_body(model: nn.Module) -> tuple[str, nn.Module]:
     """A detection or segmentation model's backbone body (torchvision: `backbone.body` or
     `backbone`), where attention goes; any other model is its own body."""
     backbone = getattr(model, "backbone", None)
+    detector_parts = [p for p in DETECTOR_PARTS if isinstance(getattr(model, p, None), nn.Module)]
+    if detector_parts and not isinstance(backbone, nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} looks like a detector ({detector_parts[0]}) but has no "
+            f"`backbone` module, and attach puts attention in a detector's backbone only; "
+            f"attach to the feature extractor itself (attach(model.<extractor>, ...))"
+        )
     if not isinstance(backbone, nn.Module) or not _has_head(model):
         return "", model
     body = getattr(backbone, "body", None)
     if isinstance(body, nn.Module):
         return "backbone.body", body
     return "backbone", backbone
+
+
+def _without_frozen(plan: Plan, body: nn.Module) -> Plan:
+    """The plan less its sites in frozen layers, each reported. Attention there would train
+    only by running backward through layers the user froze to save exactly that (torchvision's
+    detectors freeze the stem and layer1 when fine-tuning), so it is left out instead."""
+    frozen = [site.path for site in plan.sites if _frozen(body, site.path)]
+    if not frozen:
+        return plan
+    if len(frozen) == len(plan.sites):
+        raise ValueError(
+            f"every place for attention ({len(frozen)}, e.g. {frozen[0]}) is in {FROZEN}"
+        )
+    plan.skipped += [place.Skipped(path, f"in {FROZEN}") for path in frozen]
+    plan.sites = [site for site in plan.sites if site.path not in frozen]
+    plan.slots = [slot for slot in plan.slots if slot.name not in frozen]
+    return plan
+
+
+def _frozen(body: nn.Module, path: str) -> bool:
+    """Whether the nearest module at or above `path` that has parameters has none that train
+    (a FrozenBatchNorm2d has none: its block decides)."""
+    parts = path.split(".") if path else []
+    for end in range(len(parts), -1, -1):
+        parameters = list(body.get_submodule(".".join(parts[:end])).parameters())
+        if parameters:
+            return not any(p.requires_grad for p in parameters)
+    return False
 
 
 def _has_head(model: nn.Module) -> bool:

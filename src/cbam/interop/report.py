@@ -51,14 +51,20 @@ def attach_report(
     body = model.get_submodule(plan.body)
     in_chans = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 3)
     params = count_parameters(model)
-    macs = None if input_size is None else count_macs(body, input_size, in_chans)
+    macs, notes = None, []
+    if input_size is not None:
+        try:
+            macs = count_macs(body, input_size, in_chans)
+        except RuntimeError as error:  # SSD300's extra layers need more than 224 px
+            notes.append(f"MACs not counted: the model does not run at {input_size} px "
+                         f"({str(error).splitlines()[0]}); pass input_size=")  # fmt: skip
     attached = attach(
         model if in_place else copy.deepcopy(model), attention, identity_init=identity_init,
         replace=replace, placement=placement, example_input=example_input, **attention_kwargs,
     )  # fmt: skip
     report = AttachReport(
         name or type(model).__name__, plan.placement, plan.body or WHOLE,
-        plan.sites, plan.skipped, params, count_parameters(attached) - params,
+        plan.sites, plan.skipped, params, count_parameters(attached) - params, notes=notes,
     )  # fmt: skip
     if input_size is not None and macs is not None:
         report.macs = macs
@@ -90,4 +96,5 @@ def format_report(report: AttachReport) -> str:
         lines.append(f"  {path:<{width}}  {site.channels:>8}  {site.placement}{note}")
     for skip in report.skipped:
         lines.append(f"skipped {skip.path or '(model)'}: {skip.reason}")
+    lines += report.notes
     return "\n".join(lines)
