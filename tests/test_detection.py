@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cbam.cli import main
 from cbam.detection import (
@@ -494,14 +495,61 @@ def test_voc_xml_through_torchvision_with_difficult_unknown_and_broken_files(tmp
         voc_as_coco(tmp_path / "nowhere", "2007", "test")
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
 def test_detect_train_takes_an_attached_torchvision_detector(data_dir, tmp_path):
-    """`cbam detect train --set backbone=torchvision:NAME`: torchvision's detector with CBAM
-    (identity init) in its backbone body only, trained and evaluated like ours."""
+    """`cbam detect train --model torchvision:NAME --attach cbam --detector-weights FILE`:
+    torchvision's detector, its weights from a local file of another class count (the
+    class-dependent tensors stay at init), CBAM (identity init) in its backbone body only,
+    trained and scored with COCOeval like ours."""
     name = "torchvision:fasterrcnn_mobilenet_v3_large_fpn"
-    config = tiny(data_dir, tmp_path / "run", backbone=name)
-    result = train_detector(config)
+    torch.manual_seed(0)
+    weights = tmp_path / "coco.safetensors"
+    save_weights(torchvision.models.get_model(name.partition(":")[2], weights=None,
+                                              weights_backbone=None), weights)  # fmt: skip
+    config = tiny(data_dir, tmp_path / "run", model=name, attach="cbam",
+                  detector_weights=str(weights))  # fmt: skip
+    with pytest.warns(UserWarning, match=r"4 tensors of another class count left at their init"):
+        result = train_detector(config)
     saved = load_file(str(result.run_dir / "last.safetensors"))
     attention = {k.split(".attention.")[0] for k in saved if ".attention." in k}
     assert len(attention) == 10 and all(k.startswith("backbone.body.") for k in attention)
-    metrics, _ = evaluate_detection_run(result.run_dir, "last")
-    assert metrics.images == 4
+    metrics, loaded = evaluate_detection_run(result.run_dir, "last")
+    assert metrics.images == 4 and loaded.model == name
+
+
+def test_torchvision_detector_weights_and_options(tmp_path):
+    from cbam.detection.model import build_torchvision_detector
+    from cbam.interop import CheckpointError
+
+    with pytest.raises(ValueError, match=r"instance masks as well as boxes"):
+        load_detect_config("small", {"model": "torchvision:maskrcnn_resnet50_fpn"})
+    with pytest.raises(ValueError, match=r"unknown torchvision detector \(model\)"):
+        load_detect_config("small", {"model": "torchvision:fasterrcnn_resnet18"})
+    with pytest.raises(ValueError, match=r"attach and detector_weights are for model"):
+        load_detect_config("small", {"attach": "cbam"})
+    foreign = tmp_path / "resnet18.safetensors"
+    save_weights(create_model("resnet18", attention=None), foreign)
+    retinanet = "torchvision:retinanet_resnet50_fpn"
+    with pytest.raises(CheckpointError, match=rf"is not a {retinanet} checkpoint"):
+        build_torchvision_detector(retinanet, None, 3, detector_weights=foreign)
+    with pytest.raises(CheckpointError, match=r"does not hold .*backbone body \(backbone.body\)"):
+        build_torchvision_detector(retinanet, None, 3, backbone_weights=foreign)
+
+    name = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+    classifier = save_weights(torchvision.models.mobilenet_v3_large(), tmp_path / "mnv3.st")
+    model = build_torchvision_detector(name, "cbam", 3, backbone_weights=tmp_path / "mnv3.st")
+    body = model.backbone.body.state_dict()  # attention keys aside, the classifier's names
+    assert torch.equal(body["0.0.weight"], classifier["features.0.0.weight"])
+    torch.manual_seed(0)
+    whole = torchvision.models.get_model(name.partition(":")[2], weights=None,
+                                         weights_backbone=None)  # fmt: skip
+    coco = save_weights(whole, tmp_path / "coco.st")
+    with pytest.warns(UserWarning, match=r"\(roi_heads.box_predictor.cls_score.weight, "):
+        model = build_torchvision_detector(name, None, 3, detector_weights=tmp_path / "coco.st")
+    for key in ("backbone.fpn.layer_blocks.0.0.weight", "rpn.head.conv.0.0.weight"):
+        assert torch.equal(model.state_dict()[key], coco[key])

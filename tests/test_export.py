@@ -8,6 +8,7 @@ import torch
 
 from cbam import create_model, export_model, verify_export
 from cbam.cli import export as export_cli
+from cbam.cli import main
 from cbam.interop import onnx_batch_axis, onnx_op_types
 
 SIZE = 64
@@ -159,3 +160,20 @@ def test_cli_export_torchvision_model_by_name(tmp_path, capsys):
             "10", "--input-size", "64", "--output", str(out), "--legacy-exporter"]  # fmt: skip
     assert run_cli(argv) == 0
     assert "attention layers: ReduceMax x16" in capsys.readouterr().out
+
+
+def test_attached_segmenter_exports_and_a_detector_is_refused(tmp_path, capsys):
+    """Segmenters export their "out" map, checked in onnxruntime; detectors (a list of images
+    in, boxes out) get one clear line, not an exporter traceback."""
+    out = tmp_path / "seg.onnx"
+    args = ["export", "--model", "torchvision:lraspp_mobilenet_v3_large", "--attach", "cbam",
+            "--num-classes", "3", "--input-size", "64", "--legacy-exporter", "--output",
+            str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "pooling ops, attention layers: ReduceMax x20, ReduceMean x20" in printed
+    assert "batch 3: max |onnxruntime - PyTorch|" in printed
+    assert main(["export", "--model", "torchvision:keypointrcnn_resnet50_fpn", "--output",
+                 str(tmp_path / "kp.onnx")]) == 2  # fmt: skip
+    assert "KeypointRCNN is a detector (roi_heads)" in capsys.readouterr().err
+    assert not (tmp_path / "kp.onnx").exists()

@@ -44,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.source, args.weights, overrides_from(args, skip=RESERVED)
     )
     print(
-        f"Faster R-CNN + FPN on {config.backbone} + {config.attention or 'no attention'}, "
+        f"{config.description}, "
         f"{config.dataset} ({metrics.images} test images, {metrics.detections} detections, "
         f"{metrics.images_per_s:.1f} img/s)"
     )
@@ -76,6 +76,9 @@ def _add_options(parser: argparse.ArgumentParser, options: list[tuple[str, Any, 
 MODEL_OPTIONS: list[tuple[str, Any, str]] = [
     ("--backbone", str, "resnet18, resnet50, resnet101, ... (any registered ResNet)"),
     ("--attention", str, "none, se, bam or cbam"),
+    ("--model", str, "torchvision:NAME: one of torchvision's box detectors instead of ours "
+     "(e.g. torchvision:fasterrcnn_resnet50_fpn)"),
+    ("--attach", str, "with --model: attention to attach in its backbone body (e.g. cbam)"),
     ("--dataset", str, "synthetic (default: built offline from Fashion-MNIST), coco or voc"),
     ("--data-dir", str, "coco: holds annotations/ and the image folders; voc: holds "
      "VOCdevkit/; synthetic: where to write it (default: ~/.cache/cbam/datasets)"),
@@ -105,6 +108,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         *MODEL_OPTIONS,
         ("--backbone-weights", str, "ImageNet-style backbone weights: a cbam run's "
          ".safetensors, torchvision's or the CBAM authors' .pth"),
+        ("--detector-weights", str, "with --model: a local file of the whole torchvision "
+         "detector (e.g. COCO-trained); tensors of another class count stay at init"),
         ("--epochs", int, "number of epochs"),
         ("--lr", float, "learning rate per base_batch_size images (scaled linearly)"),
         ("--seed", int, "seed for initialisation, data order and augmentation"),

@@ -64,7 +64,13 @@ class DetectConfig:
 
     The defaults are the `small` recipe: ResNet-18 + FPN on 128 px synthetic canvases."""
 
-    # model
+    # model: Faster R-CNN + FPN over our `backbone` with `attention`, or (`model`) one of
+    # torchvision's detectors as torchvision builds it, `attach` inserted in its backbone body
+    # with identity init, after `detector_weights` (a local file of the whole detector) and
+    # `backbone_weights` are loaded
+    model: str | None = None  # torchvision:NAME (cbam.detection.torchvision_detectors())
+    attach: str | None = None
+    detector_weights: str | None = None
     backbone: str = "resnet18"
     attention: str | None = "cbam"
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +118,13 @@ class DetectConfig:
     log_every: int = 10
 
     @property
+    def description(self) -> str:
+        """The detector in a few words, for logs."""
+        if self.model is not None:
+            return f"{self.model} + {self.attach or 'no attention'} (attached)"
+        return f"Faster R-CNN + FPN on {self.backbone} + {self.attention or 'no attention'}"
+
+    @property
     def scaled_lr(self) -> float:
         """lr x batch / base batch (the linear scaling rule)."""
         return self.lr * self.batch_size / self.base_batch_size
@@ -125,13 +138,17 @@ class DetectConfig:
         for name, (value, choices) in checks.items():
             if value not in choices:
                 raise unknown_choice(name, value, [str(c) for c in choices])
-        if self.backbone.startswith("torchvision:"):  # a whole torchvision detector
-            from cbam.detection.model import torchvision_detectors
+        if self.model is not None:
+            from cbam.detection.model import check_torchvision_detector
 
-            if self.backbone not in torchvision_detectors():
-                raise unknown_choice("torchvision detector", self.backbone,
-                                     torchvision_detectors())  # fmt: skip
-        elif self.backbone not in resnet_backbones():
+            check_torchvision_detector(self.model)
+        elif self.attach is not None or self.detector_weights is not None:
+            raise ValueError(
+                "attach and detector_weights are for model: torchvision:NAME (one of "
+                "torchvision's detectors); our Faster R-CNN takes attention= and "
+                "backbone_weights="
+            )
+        if self.backbone not in resnet_backbones():
             raise unknown_choice("detection backbone", self.backbone, resnet_backbones())
         positive = (
             "epochs", "batch_size", "base_batch_size", "log_every", "min_size", "max_size",

@@ -85,9 +85,11 @@ def detector_from_config(
 ) -> FasterRCNN:
     """The configured detector; load_backbone_weights=False when full detector weights will
     be loaded next (resume, evaluation), so the backbone file need not be there any more."""
-    if config.backbone.startswith("torchvision:"):  # torchvision's detector, attached
+    if config.model is not None:  # torchvision's detector, attached
         return build_torchvision_detector(  # type: ignore[return-value]
-            config.backbone, config.attention, num_classes,
+            config.model, config.attach, num_classes,
+            detector_weights=config.detector_weights if load_backbone_weights else None,
+            backbone_weights=config.backbone_weights if load_backbone_weights else None,
             attention_kwargs=config.attention_kwargs, min_size=config.min_size,
             max_size=config.max_size,
         )  # fmt: skip
@@ -210,7 +212,7 @@ def _train(
         save_config(config, run_dir / "config.yaml")
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=step if state else None)
         log(
-            f"Faster R-CNN + FPN on {config.backbone} + {config.attention or 'no attention'}: "
+            f"{config.description}: "
             f"{params / 1e6:.2f}M params ({sum(p.numel() for p in trained) / 1e6:.2f}M trained"
             f"{', frozen BN' if config.frozen_bn else ''}) | {config.dataset}: "
             f"{len(data.train)} train / {len(data.test)} test images, "

@@ -3,6 +3,7 @@ experiment uses (REFERENCE.md section 5), with sizes that also fit small images.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,8 +13,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from cbam._errors import unknown_choice
 from cbam.detection.backbone import build_backbone
-from cbam.interop.safe_load import CheckpointSource
+from cbam.interop.errors import CheckpointError
+from cbam.interop.safe_load import CheckpointSource, read_checkpoint
 from cbam.layers.create_attention import AttentionSpec
 
 ROI_SIZE = 7  # RoIAlign output, as in torchvision's Faster R-CNN
@@ -76,31 +79,11 @@ def build_detector(
     )
 
 
-def build_torchvision_detector(
-    name: str,
-    attention: AttentionSpec = "cbam",
-    num_classes: int = 91,
-    *,
-    attention_kwargs: Mapping[str, Any] | None = None,
-    min_size: int = 800,
-    max_size: int = 1333,
-    **kwargs: Any,
-) -> nn.Module:
-    """torchvision's detector `torchvision:NAME` (fasterrcnn_*, retinanet_*, fcos_*,
-    maskrcnn_*, keypointrcnn_*, ssd*), random weights, with `attention` attached with identity
-    init in its backbone body only: FPN and heads stay torchvision's."""
-    import torchvision
-
-    from cbam.interop.attach import attach
-
-    arch = name.partition(":")[2]
-    model = torchvision.models.get_model(
-        arch, weights=None, weights_backbone=None, num_classes=num_classes,
-        min_size=min_size, max_size=max_size, **kwargs,
-    )  # fmt: skip
-    if attention is not None:
-        attach(model, attention, identity_init=True, **dict(attention_kwargs or {}))
-    return model
+# Detectors whose training targets need more than boxes, which cbam detect's data sets give.
+NEEDS_MORE_THAN_BOXES = {"maskrcnn": "instance masks", "keypointrcnn": "keypoints"}
+# Backbone-body key prefixes in an ImageNet classifier's state dict: ResNet bodies use the
+# classifier's own names, MobileNet V3 bodies its `features`.
+BODY_PREFIXES = ("", "features.")
 
 
 def torchvision_detectors() -> list[str]:
@@ -108,3 +91,91 @@ def torchvision_detectors() -> list[str]:
 
     names = torchvision.models.list_models(module=torchvision.models.detection)
     return [f"torchvision:{n}" for n in names]
+
+
+def check_torchvision_detector(name: str) -> None:
+    """`name` is a torchvision detector cbam detect can train (boxes only), or a clear error."""
+    if name not in torchvision_detectors():
+        raise unknown_choice("torchvision detector (model)", name, torchvision_detectors())
+    arch = name.partition(":")[2]
+    for prefix, needs in NEEDS_MORE_THAN_BOXES.items():
+        if arch.startswith(prefix):
+            raise ValueError(
+                f"{name} trains on {needs} as well as boxes, and cbam detect's data sets give "
+                f"boxes only; use a box detector (fasterrcnn_*, retinanet_*, fcos_*, ssd*), or "
+                f"cbam.attach(model) in your own Mask/Keypoint R-CNN training loop"
+            )
+
+
+def build_torchvision_detector(
+    name: str,
+    attach: AttentionSpec | None = "cbam",
+    num_classes: int = 91,
+    *,
+    detector_weights: CheckpointSource | None = None,
+    backbone_weights: CheckpointSource | None = None,
+    attention_kwargs: Mapping[str, Any] | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> nn.Module:
+    """torchvision's detector `torchvision:NAME` for `num_classes`, from local weights only
+    (nothing is downloaded): `detector_weights`, a file of the whole detector (any number of
+    classes: the class-dependent tensors that do not fit stay at their init, reported), then
+    `backbone_weights` (an ImageNet classifier's file) into its backbone body; then `attach`
+    (identity init) in the body only: FPN, heads and transform stay torchvision's."""
+    import torchvision
+
+    from cbam.interop.attach import attach as attach_attention
+
+    check_torchvision_detector(name)
+    arch = name.partition(":")[2]
+    sizes = {} if arch.startswith("ssd") else {"min_size": min_size, "max_size": max_size}
+    model = torchvision.models.get_model(
+        arch, weights=None, weights_backbone=None, num_classes=num_classes, **sizes
+    )
+    if detector_weights is not None:
+        _load_fitting(model, detector_weights, name)
+    if backbone_weights is not None:
+        _load_body(model, backbone_weights, name)
+    if attach is not None:
+        attach_attention(model, attach, identity_init=True, **dict(attention_kwargs or {}))
+    return model
+
+
+def _load_fitting(model: nn.Module, source: CheckpointSource, name: str) -> None:
+    """A whole detector's weights, strictly by name; tensors whose shape differs (the class
+    scores and box regressions of another class count) keep their init, with a warning."""
+    state = read_checkpoint(source).state_dict
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{source} is not a {name} checkpoint: {len(missing)} of its tensors missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+    resized = [k for k in own if state[k].shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
+    if resized:
+        warnings.warn(
+            f"{source}: {len(resized)} tensors of another class count left at their init "
+            f"({', '.join(resized[:4])}{', ...' if len(resized) > 4 else ''})",
+            stacklevel=3,
+        )
+
+
+def _load_body(model: nn.Module, source: CheckpointSource, name: str) -> None:
+    """An ImageNet classifier's weights into the detector's backbone body (its head unused)."""
+    from cbam.interop.attach import backbone_body
+
+    path, body = backbone_body(model)
+    state = read_checkpoint(source).state_dict
+    keys = list(body.state_dict())
+    for prefix in BODY_PREFIXES:
+        if all(prefix + k in state for k in keys):
+            body.load_state_dict({k: state[prefix + k] for k in keys})
+            return
+    raise CheckpointError(
+        f"{source} does not hold {name}'s backbone body ({path}): its tensor "
+        f"{keys[0]!r} is in the file neither as is nor as 'features.{keys[0]}'"
+    )

@@ -40,7 +40,12 @@ FROZEN = (
 )
 # A model with one of these and no `backbone` is a detector attach cannot find the body of.
 DETECTOR_PARTS = ("roi_heads", "rpn", "anchor_generator")
-TRACE_SIZES = (64, 128, 224, 320)  # tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224
+TRACE_SIZES = (
+    64,
+    128,
+    224,
+    320,
+)  # tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224
 
 
 @dataclass

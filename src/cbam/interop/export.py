@@ -51,9 +51,10 @@ def export_model(
     """
     if format not in FORMATS:
         raise unknown_choice("export format", format, FORMATS)
+    example = _example(model, batch_size, in_chans, input_size)
+    model = one_output(model, example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = _example(model, batch_size, in_chans, input_size)
     with _eval_mode(model), torch.no_grad(), _quiet():
         if format == "torchscript":
             traced = torch.jit.trace(model, example, check_trace=False)
@@ -93,6 +94,7 @@ def verify_export(
     """
     path = Path(path)
     generator = torch.Generator().manual_seed(seed)
+    model = one_output(model, _example(model, 1, in_chans, input_size))
     diffs: dict[int, float] = {}
     run = _onnx_runner(path) if path.suffix == ".onnx" else _torchscript_runner(path)
     for batch in batch_sizes:
@@ -107,6 +109,42 @@ def verify_export(
             )
         diffs[batch] = float((got - expected).abs().max())
     return diffs
+
+
+class MainOutput(nn.Module):
+    """A segmentation model's {"out": ..., "aux": ...} as its "out" tensor, the one output an
+    export and its parity check take."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def one_output(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`model` as a tensor-in, tensor-out module (segmenters: their "out"), or a clear error
+    for what cbam exports cannot check: detectors take a list of images and return boxes."""
+    detector = [p for p in ("roi_heads", "rpn", "anchor_generator") if hasattr(model, p)]
+    if detector:
+        raise ValueError(
+            f"{type(model).__name__} is a detector ({detector[0]}): it takes a list of images "
+            f"and returns boxes per image, which cbam's export and its onnxruntime parity "
+            f"check do not cover; export its backbone (model.backbone) instead"
+        )
+    if isinstance(model, MainOutput):
+        return model
+    with _eval_mode(model), torch.no_grad():
+        output = model(example[:1])
+    if isinstance(output, torch.Tensor):
+        return model
+    if isinstance(output, dict) and isinstance(output.get("out"), torch.Tensor):
+        return MainOutput(model)
+    raise ValueError(
+        f"{type(model).__name__} returns {type(output).__name__}, not a tensor (or a "
+        f"segmenter's {{'out': tensor}}); export a module that returns one tensor"
+    )
 
 
 def onnx_op_types(path: str | os.PathLike[str], scope: str | None = None) -> Counter[str]:
