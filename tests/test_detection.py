@@ -553,3 +553,15 @@ def test_torchvision_detector_weights_and_options(tmp_path):
         model = build_torchvision_detector(name, None, 3, detector_weights=tmp_path / "coco.st")
     for key in ("backbone.fpn.layer_blocks.0.0.weight", "rpn.head.conv.0.0.weight"):
         assert torch.equal(model.state_dict()[key], coco[key])
+
+
+def test_a_one_stage_torchvision_detector_logs_its_losses(data_dir, tmp_path):
+    """FCOS names its losses classification / bbox_regression / bbox_ctrness; they go in the
+    same columns, and the RPN loss it does not have is nan."""
+    config = tiny(data_dir, tmp_path / "fcos", model="torchvision:fcos_resnet50_fpn")
+    result = train_detector(config)
+    with open(result.run_dir / "metrics.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert all(np.isfinite(float(row[k])) for k in ("loss_classifier", "loss_box_reg",
+                                                    "loss_objectness"))  # fmt: skip
+    assert row["loss_rpn_box_reg"] == "nan"

@@ -121,7 +121,7 @@ class DetectConfig:
     def description(self) -> str:
         """The detector in a few words, for logs."""
         if self.model is not None:
-            return f"{self.model} + {self.attach or 'no attention'} (attached)"
+            return self.model + (f" + {self.attach} (attached)" if self.attach else "")
         return f"Faster R-CNN + FPN on {self.backbone} + {self.attention or 'no attention'}"
 
     @property

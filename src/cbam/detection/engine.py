@@ -53,6 +53,12 @@ from cbam.training.trainer import (
 )
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+# One-stage detectors (RetinaNet, FCOS, SSD) name the same parts so; FCOS's centerness is its
+# objectness. A part a detector does not have (their RPN's) is logged as nan.
+LOSS_ALIASES = {
+    "classification": "loss_classifier", "bbox_regression": "loss_box_reg",
+    "bbox_ctrness": "loss_objectness",
+}  # fmt: skip
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", *LOSS_NAMES, *COCO_STATS, "voc07_mAP_50",
     "train_images_per_s", "epoch_seconds", "eval_seconds", "skipped_images",
@@ -282,8 +288,9 @@ def _train(
                 scheduler.step()
                 step += 1
                 totals[0] += loss.detach()
+                named = {LOSS_ALIASES.get(k, k): v.detach() for k, v in losses.items()}
                 for i, name in enumerate(LOSS_NAMES, start=1):
-                    totals[i] += losses[name].detach()
+                    totals[i] += named.get(name, math.nan)
                 totals[5] += 1
                 totals[6] += len(images)
                 if main and step % config.log_every == 0:

@@ -254,16 +254,20 @@ def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> T
         return trace_model(body, example)
     conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
     weight = next(body.parameters(), None)
-    in_chans = conv.in_channels if conv is not None else 3
+    # The first conv's input channels, else RGB: a space-to-depth stem (TResNet) takes 3
+    # channels although its first conv takes 48.
+    channels = list(dict.fromkeys([conv.in_channels if conv is not None else 3, 3]))
     error: Exception | None = None
     for size in TRACE_SIZES:
-        x = torch.zeros(1, in_chans, size, size)
-        if weight is not None:
-            x = x.to(device=weight.device, dtype=weight.dtype)
-        try:
-            return trace_model(body, x)
-        except (RuntimeError, ValueError, AssertionError, IndexError) as caught:
-            error = caught
+        for in_chans in channels:
+            x = torch.zeros(1, in_chans, size, size)
+            if weight is not None:
+                x = x.to(device=weight.device, dtype=weight.dtype)
+            try:
+                return trace_model(body, x)
+            except (RuntimeError, ValueError, AssertionError, IndexError) as caught:
+                error = caught
+    in_chans = channels[0]
     raise ValueError(
         f"attach could not run {type(model).__name__} on a 1 x {in_chans} x H x W image "
         f"(H = W in {TRACE_SIZES}): {error}. Pass example_input= a batch the model takes; "

@@ -23,7 +23,8 @@ ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 MULS = {"mul", "mul_", "__mul__", "__imul__", "__rmul__"}
 # Operations that count as one layer of depth along a path (to tell skip from branch).
 LAYERS = {"conv2d", "conv1d", "conv3d", "linear", "conv_transpose2d"}
-# Operations only attention over tokens uses: the mark of a transformer.
+# Operations of attention over tokens, the mark of a transformer (a softmax only when it is
+# over an N x N score matrix: CNNs use softmax too).
 TOKEN_ATTENTION = {
     "softmax", "_softmax", "scaled_dot_product_attention", "multi_head_attention_forward",
     "_native_multi_head_attention",
@@ -151,7 +152,7 @@ class _Recorder(TorchFunctionMode):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if name in ADDS and len(tensors) == 2:
             self._residual(*tensors)
-        if name in TOKEN_ATTENTION:
+        if name in TOKEN_ATTENTION and _over_tokens(name, tensors):
             self.trace.token_attention.append(self.stack[-1] if self.stack else "")
         depth = max((self.depth.get(id(t), 0) for t in tensors), default=0)
         output = func(*args, **(kwargs or {}))
@@ -182,6 +183,15 @@ class _Recorder(TorchFunctionMode):
             maps = x.dim() == 4 and g.dim() == 4 and x.shape[2:] != (1, 1)
             if maps and g.shape[2:] == (1, 1) and g.shape[:2] == x.shape[:2]:
                 self.gated[id(output)] = (id(x), int(x.shape[1]))
+
+
+def _over_tokens(name: str, tensors: list[torch.Tensor]) -> bool:
+    """Whether a softmax is attention over tokens: of an N x N matrix of scores (ViT, Swin,
+    MaxViT), not over a CNN's branches, groups or positions (SKNet, ResNeSt, GCNet)."""
+    if "softmax" not in name:  # scaled-dot-product or multi-head attention itself
+        return True
+    scores = tensors[0] if tensors else None
+    return scores is not None and scores.dim() >= 3 and scores.shape[-1] == scores.shape[-2] > 1
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
