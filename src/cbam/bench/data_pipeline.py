@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from cbam.bench.overhead import BenchConfig, machine_info
-from cbam.data import split_batches
+from cbam.data import DataSplits, split_batches
 from cbam.training import load_config, train
+from cbam.training.config import TrainConfig
 from cbam.training.evaluate import evaluate
 from cbam.training.trainer import amp_dtype, build_model, build_optimizer, build_splits
 
@@ -40,20 +41,27 @@ ATTENTIONS = ("none", "cbam")
 DATA_PATHS = ("tensor", "per-sample")
 
 
+def trainers_setup(
+    config: TrainConfig, data_path: str | None = None
+) -> tuple[torch.device, DataSplits, nn.Module]:
+    """The device, data and model as the trainer makes them (denormals, seed, layout)."""
+    torch.set_flush_denormal(config.flush_denormal)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    splits = build_splits(config, data_path).to(device, config.channels_last)
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return device, splits, model
+
+
 def bare_step_rate(overrides: dict[str, Any], steps: int, warmup: int = 3) -> float:
     """img/s of the trainer's model and optimiser stepping on one fixed, resident batch."""
     config = load_config("small", overrides)
-    torch.set_flush_denormal(config.flush_denormal)  # as the trainer sets it
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = build_splits(config, "tensor").to(device, config.channels_last)
-    torch.manual_seed(config.seed)
-    model = build_model(config, splits).to(device).train()
-    optimizer = build_optimizer(config, model)
+    device, splits, model = trainers_setup(config, "tensor")
+    optimizer = build_optimizer(config, model.train())
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    images, labels = splits.train.batch(torch.arange(config.batch_size))
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, labels = splits.train.batch(torch.arange(config.batch_size))  # in its layout
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
@@ -69,17 +77,12 @@ def eval_seconds(overrides: dict[str, Any], images: int | None = None) -> tuple[
     """(seconds, images) to evaluate the first `images` of the test split (None: all of it)
     through `overrides['data_path']`, data set build excluded."""
     config = load_config("small", {**overrides, "test_subset": images})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = build_splits(config).to(device, config.channels_last)
-    torch.manual_seed(config.seed)
-    model = build_model(config, splits).to(device).eval()
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    device, splits, model = trainers_setup(config)
     test = splits.test
     batches = split_batches(test, range(len(test)), config.batch_size, workers=config.workers)
     _sync(device)
     start = time.perf_counter()
-    metrics = evaluate(model, batches, splits.num_classes, device,
+    metrics = evaluate(model.eval(), batches, splits.num_classes, device,
                        amp_dtype(config.amp, device), config.channels_last)  # fmt: skip
     _sync(device)
     return time.perf_counter() - start, metrics.images

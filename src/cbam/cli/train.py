@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from cbam.training.config import RECIPES, parse_value
+from cbam.training.config import DATA_PATHS, RECIPES, parse_value
 
 
 def add_training_options(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, help=text)
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision")
     parser.add_argument(
-        "--data-path", choices=["auto", "tensor", "per-sample"],
+        "--data-path", choices=DATA_PATHS,
         help="tensor: the data set as one tensor on the device, augmented a batch at a time; "
         "per-sample: torchvision transforms per image; auto (default): tensor when it fits",
     )  # fmt: skip

@@ -10,6 +10,7 @@ nothing else: not the batch it lands in, not the process under DDP, not where a 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -121,8 +122,7 @@ class ResidentSplit:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if torch.device(device) == self.device and memory_format == self.memory_format:
             return self
-        moved = ResidentSplit.__new__(ResidentSplit)
-        moved.__dict__.update(self.__dict__)
+        moved = copy.copy(self)
         for name in ("images", "labels", "scale", "shift"):
             setattr(moved, name, getattr(self, name).to(device))
         moved.memory_format = memory_format
@@ -132,8 +132,7 @@ class ResidentSplit:
         """The split's first `n` samples (all of it for None), sharing memory."""
         if n is None or n >= len(self):
             return self
-        part = ResidentSplit.__new__(ResidentSplit)
-        part.__dict__.update(self.__dict__)
+        part = copy.copy(self)
         part.images, part.labels = self.images[:n], self.labels[:n]
         return part
 

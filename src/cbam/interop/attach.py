@@ -40,12 +40,8 @@ FROZEN = (
 )
 # A model with one of these and no `backbone` is a detector attach cannot find the body of.
 DETECTOR_PARTS = ("roi_heads", "rpn", "anchor_generator")
-TRACE_SIZES = (
-    64,
-    128,
-    224,
-    320,
-)  # tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224
+# Tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224.
+TRACE_SIZES = (64, 128, 224, 320)
 
 
 @dataclass
@@ -98,8 +94,22 @@ def attach(
         )  # fmt: skip
         print(format_report(found))
         return model
-    build = _builder(attention, attention_kwargs)
+    build = layer_builder(attention, attention_kwargs)
     plan = plan_attach(model, placement, replace=replace, example_input=example_input)
+    return apply_plan(model, plan, build, attention, identity_init=identity_init, replace=replace)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    build: Callable[[int], nn.Module],
+    attention: AttentionSpec,
+    *,
+    identity_init: bool = False,
+    replace: bool = False,
+) -> nn.Module:
+    """Insert `build(channels)` (`attention`'s layers) at each site of `plan`, which
+    `plan_attach` made for this very model; returns the model."""
     if plan.slots:
         _fill_slots(plan, build, identity_init, replace, attention)
         return model
@@ -156,10 +166,10 @@ def backbone_body(model: nn.Module) -> tuple[str, nn.Module]:
     """A detection or segmentation model's backbone body (torchvision: `backbone.body` or
     `backbone`), where attention goes; any other model is its own body."""
     backbone = getattr(model, "backbone", None)
-    detector_parts = [p for p in DETECTOR_PARTS if isinstance(getattr(model, p, None), nn.Module)]
-    if detector_parts and not isinstance(backbone, nn.Module):
+    parts = detector_parts(model)
+    if parts and not isinstance(backbone, nn.Module):
         raise ValueError(
-            f"{type(model).__name__} looks like a detector ({detector_parts[0]}) but has no "
+            f"{type(model).__name__} looks like a detector ({parts[0]}) but has no "
             f"`backbone` module, and attach puts attention in a detector's backbone only; "
             f"attach to the feature extractor itself (attach(model.<extractor>, ...))"
         )
@@ -169,6 +179,11 @@ def backbone_body(model: nn.Module) -> tuple[str, nn.Module]:
     if isinstance(body, nn.Module):
         return "backbone.body", body
     return "backbone", backbone
+
+
+def detector_parts(model: nn.Module) -> list[str]:
+    """The parts that make `model` a detector (roi_heads, rpn, anchor_generator), if any."""
+    return [p for p in DETECTOR_PARTS if isinstance(getattr(model, p, None), nn.Module)]
 
 
 def _without_frozen(plan: Plan, body: nn.Module) -> Plan:
@@ -275,7 +290,7 @@ def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> T
     )
 
 
-def _builder(attention: AttentionSpec, kwargs: dict[str, Any]) -> Callable[[int], nn.Module]:
+def layer_builder(attention: AttentionSpec, kwargs: dict[str, Any]) -> Callable[[int], nn.Module]:
     """The layer for C channels; below C = reduction (16), reduction becomes C (one hidden
     unit), as MobileNets' and GhostNets' 8- and 12-channel stages need."""
     build = _checked_builder(attention, kwargs)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cbam._errors import unknown_choice
+from cbam.interop.attach import detector_parts
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
@@ -126,7 +127,7 @@ class MainOutput(nn.Module):
 def one_output(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """`model` as a tensor-in, tensor-out module (segmenters: their "out"), or a clear error
     for what cbam exports cannot check: detectors take a list of images and return boxes."""
-    detector = [p for p in ("roi_heads", "rpn", "anchor_generator") if hasattr(model, p)]
+    detector = detector_parts(model)
     if detector:
         raise ValueError(
             f"{type(model).__name__} is a detector ({detector[0]}): it takes a list of images "

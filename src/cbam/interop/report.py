@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cbam.complexity import count_macs, count_parameters
-from cbam.interop.attach import attach, plan_attach
+from cbam.interop.attach import apply_plan, layer_builder, plan_attach
 from cbam.interop.placements import Site, Skipped
 
 WHOLE = "(whole model)"
@@ -47,7 +47,9 @@ def attach_report(
     """What `attach` does to `model`: on a copy (`model` is not changed) unless `in_place`,
     which is `attach(..., report=True)`. `input_size=None` skips MACs. Params and MACs are
     those of the model as given."""
-    plan = plan_attach(model, placement, replace=replace, example_input=example_input)
+    build = layer_builder(attention, attention_kwargs)  # a bad name fails before the trace
+    target = model if in_place else copy.deepcopy(model)
+    plan = plan_attach(target, placement, replace=replace, example_input=example_input)
     body = model.get_submodule(plan.body)
     in_chans = next((m.in_channels for m in body.modules() if isinstance(m, nn.Conv2d)), 3)
     params = count_parameters(model)
@@ -58,10 +60,8 @@ def attach_report(
         except RuntimeError as error:  # SSD300's extra layers need more than 224 px
             notes.append(f"MACs not counted: the model does not run at {input_size} px "
                          f"({str(error).splitlines()[0]}); pass input_size=")  # fmt: skip
-    attached = attach(
-        model if in_place else copy.deepcopy(model), attention, identity_init=identity_init,
-        replace=replace, placement=placement, example_input=example_input, **attention_kwargs,
-    )  # fmt: skip
+    attached = apply_plan(target, plan, build, attention, identity_init=identity_init,
+                          replace=replace)  # fmt: skip
     report = AttachReport(
         name or type(model).__name__, plan.placement, plan.body or WHOLE,
         plan.sites, plan.skipped, params, count_parameters(attached) - params, notes=notes,

@@ -15,6 +15,7 @@ import yaml
 from cbam._errors import unknown_choice
 
 RECIPES = ("small", "imagenet")
+DATA_PATHS = ("auto", "tensor", "per-sample")  # as cbam.data.DATA_PATHS (this file stays light)
 ConfigT = TypeVar("ConfigT")
 
 
@@ -93,7 +94,7 @@ class TrainConfig:
             "schedule": (self.schedule, ("cosine", "step", "constant")),
             "augment": (self.augment, ("small", "imagenet")),
             "amp": (self.amp, (None, "bf16", "fp16")),
-            "data_path": (self.data_path, ("auto", "tensor", "per-sample")),
+            "data_path": (self.data_path, DATA_PATHS),
         }
         for name, (value, choices) in checks.items():
             if value not in choices:
