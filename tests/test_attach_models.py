@@ -128,6 +128,11 @@ def test_a_cnns_own_softmax_is_no_transformer():
     assert plan_attach(SelectiveKernel()).sites
 
 
+def test_an_example_input_the_model_cannot_take_is_named():
+    with pytest.raises(ValueError, match=r"on example_input of shape \(3, 64, 64\): .*4D"):
+        attach(torchvision.models.mobilenet_v2(), "cbam", example_input=torch.randn(3, 64, 64))
+
+
 def test_model_without_feature_maps_is_an_error():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 10))
     with pytest.raises(ValueError, match="no convolutional feature maps"):

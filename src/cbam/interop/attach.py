@@ -266,7 +266,13 @@ def _plan_from_trace(trace: Trace, placement: str, body: str, name: str) -> Plan
 
 def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> Trace:
     if example is not None:
-        return trace_model(body, example)
+        try:
+            return trace_model(body, example)
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            raise ValueError(
+                f"attach could not run {type(model).__name__} on example_input of shape "
+                f"{tuple(example.shape)}: {error}. Pass a batch the model takes (N x C x H x W)"
+            ) from None
     conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
     weight = next(body.parameters(), None)
     # The first conv's input channels, else RGB: a space-to-depth stem (TResNet) takes 3
