@@ -6,7 +6,8 @@ from cbam._errors import check_positive_int
 
 
 def check_feature_map(x: torch.Tensor, channels: int, layer: str) -> None:
-    """Fail with expected-vs-actual when `x` is not an N x `channels` x H x W tensor."""
+    """Fail with expected-vs-actual when `x` is not an N x `channels` x H x W tensor with
+    H, W >= 1. N = 0 (an empty batch) passes: it flows through as an empty result."""
     if x.dim() != 4:
         raise ValueError(
             f"{layer} expects a 4-D N x C x H x W tensor, got {x.dim()}-D with shape "
@@ -17,6 +18,12 @@ def check_feature_map(x: torch.Tensor, channels: int, layer: str) -> None:
             f"{layer} was built for {channels} channels but the input has {x.shape[1]} "
             f"(shape {list(x.shape)}); build it with channels={x.shape[1]} or feed it "
             f"the feature map it was made for"
+        )
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(
+            f"{layer} needs a feature map of at least 1 x 1, got {x.shape[2]} x {x.shape[3]} "
+            f"(shape {list(x.shape)}): its pools have nothing to pool; the input image is "
+            f"too small for the network's downsampling, so feed larger images"
         )
 
 

@@ -187,10 +187,16 @@ def _spatial_gate(
     """Ms = sigmoid(BN(conv(compressed))), N x 1 x H x W; what its backward needs goes into
     `saved` (in eval mode a copy of the BN statistics used)."""
     s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
-    bn_args = (p["bn_rm"], p["bn_rv"], p["bn_w"], p["bn_b"])
-    ms = torch.sigmoid(F.batch_norm(s, *bn_args, p["bn_training"], p["bn_momentum"], p["bn_eps"]))
+    bn_args = (p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_training"])
+    # The backward takes the batch statistics the forward used, as BatchNorm's own backward
+    # does: recomputed from a half-precision s, a rounded mean broke its projection (a conv
+    # weight grad that is exactly 0 came out as 1.2 in bf16, 11x the reference's rounding).
+    normed, mean, invstd = torch.native_batch_norm(s, *bn_args, p["bn_momentum"], p["bn_eps"])
+    ms = torch.sigmoid(normed)
     saved.update(ms=ms, compressed=compressed, s=s)
-    if for_backward and not p["bn_training"]:
+    if for_backward and p["bn_training"]:
+        saved.update(bn_mean=mean, bn_invstd=invstd)
+    elif for_backward:
         saved.update(bn_rm=p["bn_rm"].clone(), bn_rv=p["bn_rv"].clone())
     return ms
 
@@ -261,9 +267,8 @@ def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tu
     ms, s = saved["ms"], saved["s"]
     g_normed = torch.ops.aten.sigmoid_backward(g_ms, ms)
     eps = p["bn_eps"]
-    if p["bn_training"]:  # batch statistics, recomputed from the small N x 1 x H x W map
-        var, mean = torch.var_mean(s, dim=(0, 2, 3), correction=0)
-        stats = (None, None, mean, torch.rsqrt(var + eps))
+    if p["bn_training"]:
+        stats = (None, None, saved["bn_mean"], saved["bn_invstd"])
     else:
         stats = (saved["bn_rm"], saved["bn_rv"], None, None)
     g_s, g_bn_w, g_bn_b = torch.ops.aten.native_batch_norm_backward(
@@ -556,6 +561,8 @@ _SMALL = (
     "idx_hw",
     "bn_rm",
     "bn_rv",
+    "bn_mean",
+    "bn_invstd",
     "base_mean",
 )
 
@@ -676,8 +683,35 @@ def _block_batch_norm(x: torch.Tensor, bn: dict[str, Any]) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------- entry points
 
 
+def _check_map(x: torch.Tensor, params: Sequence[Any], what: str) -> None:
+    """Refuse, before any kernel runs, a map the fused path cannot take: the kernels index
+    and divide by every axis, so an empty one would fault (`cbam.CBAM` sends empty batches
+    through its reference path instead, and refuses 0-size maps there); and, as the spatial
+    gate's BatchNorm2d(1) would, one value per channel in training."""
+    w1 = params[0]
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"{what} takes a floating-point N x C x H x W map, got a {x.dim()}-D {x.dtype} "
+            f"tensor of shape {list(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(
+            f"{what} needs a non-empty map, got shape {list(x.shape)}; call the cbam.CBAM "
+            f"module, which passes an empty batch through its reference path"
+        )
+    if x.shape[1] != w1.shape[1] or x.device != w1.device:
+        raise ValueError(
+            f"{what}: the map (shape {list(x.shape)}, on {x.device}) does not fit the "
+            f"parameters ({w1.shape[1]} channels, on {w1.device})"
+        )
+    p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
+    if p["conv_w"] is not None and p["bn_training"]:
+        F._verify_batch_size((x.shape[0], 1, *x.shape[2:]))
+
+
 def fused_cbam(x: torch.Tensor, params: Sequence[Any]) -> torch.Tensor:
     """CBAM(x) through the fused function; `params` as PARAM_NAMES + SETTING_NAMES."""
+    _check_map(x, params, "the fused CBAM")
     if torch.is_grad_enabled():
         return FusedCBAM.apply(x, None, *(None,) * len(BLOCK_BN_NAMES), *params)
     p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
@@ -701,6 +735,7 @@ def fused_cbam_residual(
     it), so without autograd the CPU kernels may write the output over it. That saves a
     map-sized allocation per block; a fresh allocation costs page faults and cache misses, and
     made CBAM-ResNet-50 inference ~3% slower."""
+    _check_map(pre_bn, params, "the fused CBAM block tail")
     if bn.training:  # the error nn.BatchNorm2d raises for one value per channel
         F._verify_batch_size(pre_bn.size())
     use_batch, factor, rm, rv = batch_norm_settings(bn)

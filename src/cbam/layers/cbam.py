@@ -103,6 +103,8 @@ class CBAM(nn.Module):
             return False
         if x.dim() != 4 or x.shape[1] != self.channel.channels or not x.is_floating_point():
             return False  # the reference path raises the helpful error or handles it
+        if x.numel() == 0:  # an empty batch flows through the reference; a 0-size map is refused
+            return False
         if not kernels.fused_applies(x):
             return False
         return not kernels.has_hooks(*([self] if hooks_on_self else self._modules.values()))

@@ -62,6 +62,8 @@ void check_map(const Tensor& x) {
   TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "the map must be contiguous or channels_last");
   TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 31), "H x W too large");
+  // The kernels divide by N, C and H x W: an empty map would fault (ValueError in Python).
+  TORCH_CHECK_VALUE(x.numel() > 0, "the kernels need a non-empty map, got ", x.sizes());
 }
 
 // A full-size tensor laid out like `like` (NCHW or channels_last), in its dtype. (The checks
