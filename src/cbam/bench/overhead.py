@@ -29,8 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbam._argtypes import non_negative_int, output_file, positive_int
+from cbam._device import resolve_device
 from cbam.bench.memory import peak_memory_bytes, tensor_bytes
 from cbam.bench.stats import Summary, paired_ratios, rotations, summarize
+from cbam.models._registry import model_entry
 
 VARIANTS = ("plain", "se", "cbam-reference", "cbam-fused", "cbam-fused-aten", "timm-cbam")
 MODULE_VARIANTS = ("se", "cbam-reference", "cbam-fused", "cbam-fused-aten", "timm-cbam")
@@ -430,6 +433,15 @@ def run_overhead(config: BenchConfig, log: Callable[[str], None] | None = None) 
         for value in values:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+    for name in ("batch_size", "image_size", "in_chans", "num_classes", "repeats", "warmup"):
+        value = getattr(config, name)
+        least = 0 if name == "warmup" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if config.threads is not None and config.threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {config.threads!r}")
+    model_entry(config.model)
+    device = resolve_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if "compiled" in config.modes:
@@ -439,7 +451,6 @@ def run_overhead(config: BenchConfig, log: Callable[[str], None] | None = None) 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         limit = torch._dynamo.config.accumulated_recompile_limit
         torch._dynamo.config.accumulated_recompile_limit = max(limit, 1024)
-    device = torch.device(config.device)
     torch.set_flush_denormal(config.flush_denormal)  # process-wide: x86 is slow on subnormals
     result = BenchResult(config, machine_info(config))
     result.machine["keep_freed_memory"] = config.keep_freed_memory and keep_freed_memory()
@@ -563,19 +574,29 @@ def format_report(result: BenchResult) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
     parser.add_argument("--model", default=defaults.model, help="default: resnet50")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 (quick: 2)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: 112 (quick: 64)")
-    parser.add_argument("--in-chans", type=int, default=defaults.in_chans, help="default: 3")
     parser.add_argument(
-        "--num-classes", type=int, default=defaults.num_classes, help="default: 1000"
+        "--batch-size", type=positive_int, default=None, help="default: 16 (quick: 2)"
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default: 3)")
+    parser.add_argument(
+        "--image-size", type=positive_int, default=None, help="default: 112 (quick: 64)"
+    )
+    parser.add_argument(
+        "--in-chans", type=positive_int, default=defaults.in_chans, help="default: 3"
+    )
+    parser.add_argument(
+        "--num-classes", type=positive_int, default=defaults.num_classes, help="default: 1000"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed rounds (default: 20)"
+    )
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=None, help="untimed calls (default: 3)"
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
     parser.add_argument("--memory-formats", nargs="+", choices=MEMORY_FORMATS, default=["nchw"])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu (measured here) or cuda")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and inputs")
     parser.add_argument(
@@ -593,7 +614,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "page faults that follow land on whichever variant runs next)",
     )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--json", metavar="PATH", help="also write every timing as JSON")
+    parser.add_argument(
+        "--json", type=output_file, metavar="PATH", help="also write every timing as JSON"
+    )
     parser.add_argument(
         "--quick", action="store_true",
         help="smoke run: batch 2, 64 px, 3 rounds, 1 warm-up (well under a minute)",

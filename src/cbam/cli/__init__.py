@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from cbam import __version__
 from cbam.cli import (
@@ -25,10 +26,16 @@ COMMANDS = (
 )  # fmt: skip
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (argparse prints the whole usage first)
+    that points to --help; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cbam", description="Paper-faithful CBAM attention for PyTorch."
-    )
+    parser = Parser(prog="cbam", description="Paper-faithful CBAM attention for PyTorch.")
     parser.add_argument("--version", action="version", version=f"cbam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -40,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as error:
+    except ValueError as error:  # the user's input: one line, no traceback
         print(f"cbam {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (training stops at a checkpoint on its own and returns 130)
+        print(f"cbam {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -6,6 +6,7 @@ import argparse
 
 from torch import nn
 
+from cbam._argtypes import non_negative_int, positive_int
 from cbam.interop.placements import PLACEMENTS
 from cbam.layers import list_attentions
 
@@ -43,8 +44,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--attention", default="cbam", choices=list_attentions())
     parser.add_argument("--placement", default="auto", choices=PLACEMENTS)
-    parser.add_argument("--num-classes", type=int, help="default: the model's (1000)")
+    parser.add_argument("--num-classes", type=positive_int, help="default: the model's (1000)")
     parser.add_argument(
-        "--input-size", type=int, default=224, help="for MACs (default: 224; 0: skip them)"
+        "--input-size",
+        type=non_negative_int,
+        default=224,
+        help="for MACs (default: 224; 0: skip them)",
     )
     parser.set_defaults(run=cmd_attach_report)

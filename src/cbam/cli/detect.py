@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from cbam._argtypes import output_file
 from cbam.cli.train import overrides_from
 
 RESERVED = ("detect_command", "source", "weights", "json")
@@ -126,5 +127,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--weights", choices=["best", "last"], default="best",
                           help="which weights of a run folder (default: best)")  # fmt: skip
     _add_options(evaluate, MODEL_OPTIONS)
-    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument(
+        "--json", type=output_file, metavar="PATH", help="also write the metrics as JSON"
+    )
     evaluate.set_defaults(run=cmd_eval)

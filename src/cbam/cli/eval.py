@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from cbam._argtypes import output_file
 from cbam.cli.train import overrides_from
 
 
@@ -41,5 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(flag, type=kind)
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    parser.add_argument(
+        "--json", type=output_file, metavar="PATH", help="also write the metrics as JSON"
+    )
     parser.set_defaults(run=cmd_eval)

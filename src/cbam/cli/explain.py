@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from cbam._argtypes import non_negative_int, positive_int
 from cbam.cli.train import overrides_from
 from cbam.explain.gradcam import CAM_METHODS
 
@@ -97,9 +98,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="image files or folders (a CLASS/ folder gives the true class)",
     )
-    inputs.add_argument("--samples", type=int, metavar="N", help="N images of a data set split")
+    inputs.add_argument(
+        "--samples", type=positive_int, metavar="N", help="N images of a data set split"
+    )
     inputs.add_argument("--split", choices=["test", "train"], default="test")
-    inputs.add_argument("--offset", type=int, default=0, help="first sample index (default 0)")
+    inputs.add_argument(
+        "--offset", type=non_negative_int, default=0, help="first sample index (default 0)"
+    )
     inputs.add_argument(
         "--per-class",
         action="store_true",
@@ -132,11 +137,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     out.add_argument("--name", default="explain", help="figure file name (default: explain)")
     out.add_argument(
         "--per-page",
-        type=int,
+        type=positive_int,
         default=8,
         help="images per PNG; more go to NAME_001.png, ... (default 8)",
     )
-    out.add_argument("--display-size", type=int, help="pixels to upsample images to (min 112)")
+    out.add_argument(
+        "--display-size", type=positive_int, help="pixels to upsample images to (min 112)"
+    )
     out.add_argument("--no-gates", action="store_true", help="skip the gates")
     out.add_argument(
         "--no-figures", action="store_true", help="write the CSV files only (many images)"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from torch import nn
 
+from cbam._argtypes import positive_float, positive_int
 from cbam.interop import (
     FORMATS,
     export_model,
@@ -163,11 +164,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--output", type=Path, metavar="PATH", help="default: MODEL-ATTENTION.onnx / .pt"
     )
     export.add_argument(
-        "--input-size", type=int, metavar="PX", help="default: the model's (224, CIFAR 32)"
+        "--input-size", type=positive_int, metavar="PX", help="default: the model's (224, CIFAR 32)"
     )
-    export.add_argument("--in-chans", type=int, default=3, help="--model: input channels")
-    export.add_argument("--num-classes", type=int, help="default: the model's (1000, CIFAR 10)")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    export.add_argument("--in-chans", type=positive_int, default=3, help="--model: input channels")
+    export.add_argument(
+        "--num-classes", type=positive_int, help="default: the model's (1000, CIFAR 10)"
+    )
+    export.add_argument("--opset", type=positive_int, default=18, help="ONNX opset (default: 18)")
     export.add_argument(
         "--legacy-exporter", action="store_true",
         help="ONNX: torch.onnx's TorchScript-based exporter instead of torch.export (dynamo)",
@@ -176,5 +179,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--no-verify", action="store_true",
         help="skip running the export at batch 1 and 3 against PyTorch",
     )  # fmt: skip
-    export.add_argument("--tolerance", type=float, default=1e-4, help="default: 1e-4")
+    export.add_argument("--tolerance", type=positive_float, default=1e-4, help="default: 1e-4")
     export.set_defaults(run=cmd_export)

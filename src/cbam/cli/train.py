@@ -68,7 +68,8 @@ def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        values[key.strip().replace("-", "_")] = parse_value(text)
+        key = key.strip().replace("-", "_")
+        values[key] = parse_value(text, f"--set {key}")
     return values
 
 

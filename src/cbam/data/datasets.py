@@ -16,7 +16,7 @@ from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
 from cbam._errors import unknown_choice
-from cbam.data.fashion_mnist import default_cache, fashion_mnist_root
+from cbam.data.fashion_mnist import default_cache, fashion_mnist_root, load_fashion_mnist
 from cbam.data.resident import ResidentBatches, ResidentSplit, cached_decode, source_key
 from cbam.data.transforms import imagenet_transforms, small_image_transforms
 
@@ -231,8 +231,7 @@ def build_datasets(
         raise unknown_choice("data_path", data_path, DATA_PATHS)
     if name == "fashion-mnist":
         root = str(fashion_mnist_root(data_dir))
-        train = datasets.FashionMNIST(root, train=True)
-        test = datasets.FashionMNIST(root, train=False)
+        train, test = load_fashion_mnist(root, True), load_fashion_mnist(root, False)
         classes = list(train.classes)
     elif name in ("cifar10", "cifar100"):
         train, test = _cifar(name, data_dir, True), _cifar(name, data_dir, False)

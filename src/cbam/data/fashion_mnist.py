@@ -74,10 +74,28 @@ def _unpacked(files: dict[str, Path]) -> Path:
     for name, source in files.items():  # each file lands atomically
         with tempfile.NamedTemporaryFile(dir=raw, delete=False) as tmp:
             opener = gzip.open if source.suffix == ".gz" else open
-            with opener(source, "rb") as f:
-                shutil.copyfileobj(f, tmp)
+            try:
+                with opener(source, "rb") as f:
+                    shutil.copyfileobj(f, tmp)
+            except (OSError, EOFError) as error:  # a truncated or foreign .gz
+                os.unlink(tmp.name)
+                raise ValueError(f"{source} cannot be read ({error}); {HOW_TO_GET_IT}") from None
         os.replace(tmp.name, raw / name)
     return root
+
+
+def load_fashion_mnist(root: str, train: bool) -> FashionMNIST:
+    """torchvision's FashionMNIST from `root`; files that are truncated or not idx files are
+    a ValueError naming the folder (torchvision stops at a bare assertion or reshape)."""
+    try:
+        return FashionMNIST(root, train=train)
+    except (AssertionError, RuntimeError, ValueError, OSError) as error:
+        detail = str(error) or type(error).__name__
+        raise ValueError(
+            f"the Fashion-MNIST files under {root} are damaged ({detail}): each idx file must "
+            f"hold the 60,000 training or 10,000 test images of 28 x 28 or their labels; "
+            f"{HOW_TO_GET_IT}"
+        ) from None
 
 
 def _from_folder(folder: Path, named: str) -> Path:

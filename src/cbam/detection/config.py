@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbam._device import resolve_device
 from cbam._errors import unknown_choice
 from cbam.detection.backbone import resnet_backbones
 from cbam.training.config import check_step_epochs, merge, read_yaml
@@ -177,6 +178,7 @@ class DetectConfig:
         check_step_epochs(self.step_epochs)
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        resolve_device(self.device)
         return self
 
     def to_dict(self) -> dict[str, Any]:

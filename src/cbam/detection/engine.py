@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.models.detection import FasterRCNN
 
+from cbam._device import resolve_device
 from cbam.complexity import count_parameters
 from cbam.detection.config import DetectConfig, load_detect_config
 from cbam.detection.data import DetectionData, build_detection_data, collate_detection
@@ -366,8 +367,7 @@ def load_detection_run(
     evaluation-only settings of a run (data_dir, device, workers, batch_size, test_subset,
     strict, amp)."""
     config, weights_file, _ = resolve_source(source, weights, overrides, load_detect_config)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     torch.set_flush_denormal(config.flush_denormal)
     data = build_detection_data(config, train=False)
     model = detector_from_config(config, data.num_classes, load_backbone_weights=False)

@@ -30,7 +30,7 @@ from PIL import Image
 from torchvision.datasets import FashionMNIST
 
 from cbam._errors import unknown_kwargs
-from cbam.data.fashion_mnist import default_cache, fashion_mnist_root
+from cbam.data.fashion_mnist import default_cache, fashion_mnist_root, load_fashion_mnist
 
 VERSION = 1  # bump when the generator changes, so cached sets are rebuilt
 SPLITS = ("train", "test")
@@ -113,7 +113,7 @@ def ensure_synthetic(
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
         fashion = {
-            split: FashionMNIST(str(fashion_mnist_root()), train=split == "train")
+            split: load_fashion_mnist(str(fashion_mnist_root()), train=split == "train")
             for split in SPLITS
         }
         for split in SPLITS:

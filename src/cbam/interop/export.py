@@ -52,10 +52,44 @@ def export_model(
     """
     if format not in FORMATS:
         raise unknown_choice("export format", format, FORMATS)
+    if format == "onnx":
+        _check_opset(opset, dynamo)
     example = _example(model, batch_size, in_chans, input_size)
     model = one_output(model, example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside `path` and moved there once whole and checked: a failed export leaves
+    # neither a broken file nor a half-written one in its place.
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        _write(model, example, partial, format, opset, dynamo)
+        if format == "onnx":
+            import onnx
+
+            onnx.checker.check_model(str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+# ONNX opsets each exporter writes: torch.export's from 18 (lower ones go through ONNX's
+# version converter, which fails on these models' reductions), TorchScript's 9 to 20.
+DYNAMO_MIN_OPSET, LEGACY_OPSETS = 18, (9, 20)
+
+
+def _check_opset(opset: int, dynamo: bool) -> None:
+    import onnx
+
+    low, high = (DYNAMO_MIN_OPSET, onnx.defs.onnx_opset_version()) if dynamo else LEGACY_OPSETS
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        hint = "; for opsets 9 to 17 use the legacy exporter (dynamo=False)" if dynamo else ""
+        raise ValueError(f"opset must be an integer from {low} to {high}, got {opset!r}{hint}")
+
+
+def _write(
+    model: nn.Module, example: torch.Tensor, path: Path, format: str, opset: int, dynamo: bool
+) -> None:
     with _eval_mode(model), torch.no_grad(), _quiet():
         if format == "torchscript":
             traced = torch.jit.trace(model, example, check_trace=False)
@@ -73,11 +107,6 @@ def export_model(
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
             )  # fmt: skip
-    if format == "onnx":
-        import onnx
-
-        onnx.checker.check_model(str(path))
-    return path
 
 
 def verify_export(

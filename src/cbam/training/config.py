@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -12,6 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cbam._device import resolve_device
 from cbam._errors import unknown_choice
 
 RECIPES = ("small", "imagenet")
@@ -135,6 +139,7 @@ class TrainConfig:
             raise ValueError(f"resident_limit_mb must be a number of MiB >= 0, got {limit!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        resolve_device(self.device)
         self._validate_external()
         return self
 
@@ -149,6 +154,12 @@ class TrainConfig:
                 f"attach and pretrained are for torchvision:NAME / timm:NAME models; "
                 f"{self.model!r} is cbam's own: use attention= and a weights file instead"
             )
+        if not is_external(self.model):  # names checked here, before any data is read
+            from cbam.layers import get_attention
+            from cbam.models._registry import model_entry
+
+            model_entry(self.model)
+            get_attention(self.attention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,18 +200,70 @@ def read_yaml(path: str | os.PathLike[str], recipes: Sequence[str] = RECIPES) ->
 
 
 def merge(config: ConfigT, values: dict[str, Any], source: str) -> ConfigT:
-    """Apply `values` on top of `config` (any config dataclass); unknown keys are an error
-    naming the close ones."""
+    """Apply `values` on top of `config` (any config dataclass); unknown keys, and values
+    of the wrong type (a string for a number, NaN for a rate, ...), are an error naming the
+    key and what it takes."""
     known = [f.name for f in fields(config)]  # type: ignore[arg-type]
-    for key in values:
+    hints = typing.get_type_hints(type(config))
+    for key, value in values.items():
         if key not in known:
             raise ValueError(f"{source}: {unknown_choice('config key', key, known)}")
+        if not _fits(value, hints[key]):
+            raise ValueError(f"{source}: {key} takes {_describe(hints[key])}, got {value!r}")
     return dataclasses.replace(config, **values)  # type: ignore[type-var]
 
 
-def parse_value(text: str) -> Any:
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` (as YAML reads it) is of the type `hint` (a config field's)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if origin in (list, tuple):
+        item = typing.get_args(hint)[0] if typing.get_args(hint) else Any
+        return isinstance(value, list | tuple) and all(_fits(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in typing.get_args(hint))
+    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a finite number",
+             str: "a string"}  # fmt: skip
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        item = _describe(args[0]).removeprefix("an ").removeprefix("a ") if args else ""
+        return f"a list of {item}s" if item else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping ({key: value})"
+    return getattr(hint, "__name__", str(hint))
+
+
+def parse_value(text: str, key: str = "--set") -> Any:
     """A command-line value as YAML would read it: 3 -> int, null -> None, {a: 1} -> dict."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = f" ({error.problem})" if getattr(error, "problem", None) else ""
+        raise ValueError(
+            f"{key}: {text!r} is not a YAML value{where}; quote it for the shell, e.g. "
+            f"--set 'step_epochs=[8, 11]'"
+        ) from None
 
 
 def load_config(

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cbam._device import resolve_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -36,12 +38,11 @@ def setup(device: str, timeout_minutes: float = 15.0) -> tuple[Dist, torch.devic
     A collective that waits longer than `timeout_minutes` (a peer died or hangs) raises
     instead of blocking the job forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = resolve_device(device)
     if world_size == 1:
-        return Dist(), torch.device(device)
+        return Dist(), chosen
     info = Dist(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    on_cuda = device.startswith("cuda")
+    on_cuda = chosen.type == "cuda"
     if on_cuda:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbam._device import resolve_device
 from cbam.data import DataSplits, split_batches
 from cbam.interop import load_checkpoint
 from cbam.training.config import ConfigT, TrainConfig, load_config
@@ -65,8 +66,7 @@ def load_run(
     workers, test_subset, data_dir, amp).
     """
     config, weights_file, path = resolve_source(source, weights, overrides, load_config)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if config.device == "auto" else config.device)
+    device = resolve_device(config.device)
     torch.set_flush_denormal(config.flush_denormal)
     splits = build_splits(replace(config, train_subset=None)).to(device, config.channels_last)
     model = build_model(config, splits)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -163,23 +163,34 @@ def build_splits(config: TrainConfig, data_path: str | None = None) -> DataSplit
 
 
 def build_model(config: TrainConfig, splits: DataSplits) -> nn.Module:
+    return model_for(config, splits.num_classes, splits.in_chans, splits.image_size)
+
+
+def model_for(config: TrainConfig, num_classes: int, in_chans: int, image_size: int) -> nn.Module:
     model_kwargs = dict(config.model_kwargs)
     if is_external(config.model):  # torchvision:NAME / timm:NAME, attention attached
         return create_external(
-            config.model, splits.num_classes, splits.in_chans, config.pretrained,
+            config.model, num_classes, in_chans, config.pretrained,
             config.attach, config.attach_placement,
             attention_kwargs=config.attention_kwargs, **model_kwargs,
         )  # fmt: skip
-    if splits.image_size <= 64:
+    if image_size <= 64:
         model_kwargs.setdefault("small_input", True)
     return create_model(
         config.model,
         attention=config.attention,
-        num_classes=splits.num_classes,
-        in_chans=splits.in_chans,
+        num_classes=num_classes,
+        in_chans=in_chans,
         attention_kwargs=config.attention_kwargs,
         **model_kwargs,
     )
+
+
+def check_builds(config: TrainConfig) -> None:
+    """Build the config's model on the meta device (no memory, no data, no weights file read):
+    a bad model or attention argument fails here, before a grid's first run trains."""
+    with torch.device("meta"):
+        model_for(replace(config, pretrained=None), 10, 3, config.image_size or 32)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
