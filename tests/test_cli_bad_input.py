@@ -11,13 +11,16 @@ import gzip
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from cbam import create_model
 from cbam.cli import main
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
-# (arguments, words the one line must contain); "{bad}" is a folder of damaged files, "{file}"
-# a file that is neither a run folder nor a checkpoint, "{junk}" a .safetensors of garbage.
+# (arguments, words the one line must contain); "{bad}" is a folder of damaged Fashion-MNIST
+# files, "{file}" a text file, "{junk}" a .safetensors of garbage, "{weights}" a ResNet-20's
+# weights, "{empty}" an empty folder.
 CASES: list[tuple[list[str], str]] = [
     ([], "required"),
     (["nosuch"], "invalid choice"),
@@ -50,7 +53,10 @@ CASES: list[tuple[list[str], str]] = [
     (["train", "--model", "torchvision:resnet18", "--attach", "fooattn"], "unknown attention"),
     (["train", "--model", "torchvision:nosuch", "--attach", "cbam"], "unknown torchvision"),
     (["train", "--model", "torchvision:resnet18", "--pretrained", "/no.pth"], "not found"),
+    (["train", "--output", "{file}/run"], "is a file, not a folder"),
     (["compare", "--attentions", "none", "fooattn"], "unknown attention"),
+    (["compare", "--output", "{file}"], "is a file, not a folder"),
+    (["reproduce", "spatial", "--output", "{file}"], "is a file, not a folder"),
     (["compare", "--attentions"], "expected at least one argument"),
     (["compare", "--set", "lr=[1"], "not a YAML value"),
     (["reproduce", "nosuch"], "invalid choice"),
@@ -63,12 +69,23 @@ CASES: list[tuple[list[str], str]] = [
     (["eval", "{file}"], "neither a run folder nor a weights file"),
     (["eval", "{junk}", "--model", "resnet20"], "{junk}"),
     (["eval", "/nonexistent", "--json", "/nonexistent/m.json"], "does not exist"),
+    (["eval", "{weights}", "--model", "resnet50"], "does not fit ResNet"),
+    (["eval", "{weights}", "--model", "resnet20", "--device", "foo"], "unknown device"),
     (["explain", "/nonexistent"], "does not exist"),
     (["explain", "/nonexistent", "--samples", "0"], "must be a positive integer"),
+    (["explain", "{weights}", "--model", "resnet20", "--images", "/no.png"], "does not exist"),
+    (["explain", "{weights}", "--model", "resnet20", "--images", "{file}"], "not an image"),
+    (["explain", "{weights}", "--model", "resnet20", "--images", "{empty}"], "no image files"),
+    (["explain", "{weights}", "--model", "resnet20", "--box", "9", "9", "5", "5"], "box"),
+    (["explain", "{weights}", "--model", "resnet20", "--layer", "nosuch"], "no layer"),
+    (["explain", "{weights}", "--model", "resnet20", "--offset", "99999"], "outside"),
     (["export", "--model", "resnet99"], "unknown model"),
     (["export", "--model", "resnet20", "--input-size", "0"], "must be a positive integer"),
     (["export", "--model", "resnet20", "--opset", "3"], "opset must be an integer from 18"),
     (["export", "/nonexistent"], "does not exist"),
+    (["export", "--model", "resnet20", "--output", "{file}/m.onnx"], "is a file, not a folder"),
+    (["explain", "{weights}", "--model", "resnet20", "--output", "{file}"], "is a file"),
+    (["detect", "train", "--output", "{file}"], "is a file, not a folder"),
     (["export", "{junk}", "--model", "resnet20"], "{junk}"),
     (["attach-report", "nosuch"], "unknown model"),
     (["attach-report", "torchvision:nosuch"], "unknown torchvision model"),
@@ -106,7 +123,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     text.write_text("not a config, a run folder or weights\n")
     junk = root / "weights.safetensors"
     junk.write_bytes(b"\x12\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    return {"{bad}": str(bad), "{file}": str(text), "{junk}": str(junk)}
+    weights = root / "resnet20.safetensors"  # a Fashion-MNIST ResNet-20 + CBAM, untrained
+    model = create_model("resnet20", num_classes=10, in_chans=1, small_input=True)
+    save_file(model.state_dict(), weights)
+    empty = root / "empty"
+    empty.mkdir()
+    return {"{bad}": str(bad), "{file}": str(text), "{junk}": str(junk),
+            "{weights}": str(weights), "{empty}": str(empty)}  # fmt: skip
 
 
 def argv_of(case: tuple | object) -> list[str]:
@@ -117,8 +140,10 @@ def argv_of(case: tuple | object) -> list[str]:
 def test_a_mistake_gets_one_line_and_changes_nothing(
     argv, words, inputs, tmp_path, monkeypatch, capsys
 ):
-    argv = [inputs.get(a, a) for a in argv]
-    words = inputs.get(words, words)
+    for placeholder, value in inputs.items():
+        argv = [a.replace(placeholder, value) for a in argv]
+        words = words.replace(placeholder, value)
+    assert not any("{" in a for a in argv if not a.startswith("attention_kwargs")), argv
     monkeypatch.chdir(tmp_path)
     try:
         code = main(argv)

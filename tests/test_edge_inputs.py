@@ -104,3 +104,15 @@ def test_nan_and_inf_propagate_as_in_the_reference(value, train, path):
     assert torch.equal(actual.isinf(), expected.isinf())
     finite = expected.isfinite()
     torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_attached_torchvision_models_take_an_empty_batch(name):
+    torchvision = pytest.importorskip("torchvision")
+    model = cbam.attach(getattr(torchvision.models, name)(num_classes=10), "cbam")
+    for train in (True, False):
+        x = torch.randn(0, 3, 64, 64, requires_grad=True)
+        y = model.train(train)(x)
+        assert y.shape == (0, 10)
+        y.sum().backward()
+        assert x.grad.shape == x.shape

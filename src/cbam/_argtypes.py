@@ -7,6 +7,8 @@ import argparse
 import math
 from pathlib import Path
 
+from cbam._paths import check_output_folder
+
 
 def positive_int(text: str) -> int:
     value = _number(text, int)
@@ -35,6 +37,14 @@ def _number(text: str, kind: type) -> int | float:
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def output_folder(text: str) -> Path:
+    """A folder to write into (made if missing): nothing in its way."""
+    try:
+        return check_output_folder(text, "output folder")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def output_file(text: str) -> Path:

@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except ValueError as error:  # the user's input: one line, no traceback
-        print(f"cbam {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"cbam {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # (training stops at a checkpoint on its own and returns 130)
         print(f"cbam {args.command}: interrupted", file=sys.stderr)

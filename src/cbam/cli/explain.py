@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from cbam._argtypes import non_negative_int, positive_int
+from cbam._argtypes import non_negative_int, output_folder, positive_int
 from cbam.cli.train import overrides_from
 from cbam.explain.gradcam import CAM_METHODS
 
@@ -133,7 +133,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="object mask image for all images, or a folder of masks named like the images",
     )
     out = parser.add_argument_group("output")
-    out.add_argument("--output", default="explain", help="folder (default: ./explain)")
+    out.add_argument(
+        "--output", type=output_folder, default="explain", help="folder (default: ./explain)"
+    )
     out.add_argument("--name", default="explain", help="figure file name (default: explain)")
     out.add_argument(
         "--per-page",

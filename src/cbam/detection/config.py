@@ -14,6 +14,7 @@ from typing import Any
 
 from cbam._device import resolve_device
 from cbam._errors import unknown_choice
+from cbam._paths import check_output_folder
 from cbam.detection.backbone import resnet_backbones
 from cbam.training.config import check_step_epochs, merge, read_yaml
 
@@ -179,6 +180,7 @@ class DetectConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         resolve_device(self.device)
+        check_output_folder(self.output, "output")
         return self
 
     def to_dict(self) -> dict[str, Any]:

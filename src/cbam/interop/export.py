@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from cbam._errors import unknown_choice
+from cbam._paths import check_output_folder
 from cbam.interop.attach import detector_parts
 
 FORMATS = ("onnx", "torchscript")
@@ -57,6 +58,7 @@ def export_model(
     example = _example(model, batch_size, in_chans, input_size)
     model = one_output(model, example)
     path = Path(path)
+    check_output_folder(path.parent, "the export's folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside `path` and moved there once whole and checked: a failed export leaves
     # neither a broken file nor a half-written one in its place.

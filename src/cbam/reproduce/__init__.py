@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from cbam._errors import check_positive_int
+from cbam._paths import check_output_folder
 from cbam.complexity import count_macs, count_parameters
 from cbam.data import DataSplits
 from cbam.paper import config_label
@@ -103,7 +104,7 @@ def reproduce(
     check_jobs(jobs)
     chosen = get_tables(tables, models)
     seed_list = [config.seed + i for i in range(seeds)]
-    root = Path(output)
+    root = check_output_folder(output, "output")
     # Seed-major order: an interrupted grid has whole seeds done, which pair with each other.
     configs = {
         (t.name, i, seed): cell_config(config, cell, seed, root)

@@ -17,6 +17,7 @@ import yaml
 
 from cbam._device import resolve_device
 from cbam._errors import unknown_choice
+from cbam._paths import check_output_folder
 
 RECIPES = ("small", "imagenet")
 DATA_PATHS = ("auto", "tensor", "per-sample")  # as cbam.data.DATA_PATHS (this file stays light)
@@ -140,6 +141,7 @@ class TrainConfig:
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         resolve_device(self.device)
+        check_output_folder(self.output, "output")
         self._validate_external()
         return self
 
