@@ -167,3 +167,15 @@ def test_the_table_covers_every_subcommand():
     for command in COMMANDS:
         name = command.__name__.rsplit(".", 1)[-1].rstrip("_").replace("_", "-")
         assert name in named, f"no bad-input case for `cbam {name}`"
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    """Only the user's mistakes (ValueError) are one line: a bug must still show where."""
+    from cbam.cli import info
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(info, "cmd_info", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info"])

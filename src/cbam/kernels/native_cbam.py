@@ -225,11 +225,10 @@ def _(x: Tensor, identity: OptTensor, block_w: OptTensor, block_b: OptTensor,
       spatial_batch: bool, spatial_momentum: float, spatial_eps: float) -> Outputs11:  # fmt: skip
     n, c, h, w = x.shape
     acc, mlp = _acc(x), w1.dtype
-    spatial_stats = (
-        _rows(x, 0, dtype=x.dtype)
-        if spatial_batch or spatial_rm is None
-        else _rows(x, 2, dtype=spatial_rm.dtype)
-    )
+    # [mean, invstd] used in training (native_batch_norm's dtype: the weight's), else
+    # [running mean, running var]
+    stats_dtype = x.dtype if spatial_w is None else spatial_w.dtype
+    spatial_stats = _rows(x, 2, dtype=stats_dtype if spatial_batch else spatial_rm.dtype)
     return (
         torch.empty_like(x),  # out
         _rows(x, n, c, dtype=mlp),  # mc

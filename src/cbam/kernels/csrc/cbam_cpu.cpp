@@ -1091,8 +1091,9 @@ Tensor forward_eval(const Tensor& x, const Opt& identity, const Opt& block_w, co
 //   compressed: its input ([max, mean] over C), ms: the spatial gate;
 // - idx_c, idx_hw: the argmax of the channel max (N x 1 x H x W) and of the H x W max (N x C;
 //   no rows without max pooling), int32;
-// - spatial_stats: [running mean, running var] of the spatial BatchNorm in eval mode (copies:
-//   the backward must see what the forward used), no elements in training;
+// - spatial_stats: what the spatial BatchNorm used: [mean, invstd] of the batch in training
+//   (native_batch_norm's, in its dtype), [running mean, running var] in eval (copies: the
+//   backward must see what the forward used);
 // - means: per (n, c), the H x W mean of the block's conv output (or of x);
 // - block_stats: 2 x C, the block BatchNorm's mean and invstd (batch statistics in training,
 //   running ones in eval), no rows outside a block.
@@ -1153,10 +1154,20 @@ std::vector<Tensor> forward_train(
   const std::vector<Tensor> pooled = channel_pool(x, alpha, beta, mc, true);
   const Tensor &compressed = pooled[0], &idx_c = pooled[1];
   const Tensor s = spatial_conv(compressed, conv_w, padding);
-  const Tensor ms = at::batch_norm(s, spatial_w, spatial_b, spatial_rm, spatial_rv, spatial_batch,
-                                   spatial_momentum, spatial_eps, false).sigmoid_();
-  const Tensor spatial_stats = spatial_batch ? at::empty({0}, s.options())
-                                             : at::cat({*spatial_rm, *spatial_rv});
+  // The backward takes the statistics this BatchNorm used, as BatchNorm's own backward does:
+  // recomputed there from a half-precision s they broke its projection (bf16: a conv-weight
+  // grad 60% off where the reference is 10% off).
+  Tensor ms, spatial_stats;
+  if (spatial_batch) {
+    auto [normed, save_mean, save_invstd] = at::native_batch_norm(
+        s, spatial_w, spatial_b, spatial_rm, spatial_rv, true, spatial_momentum, spatial_eps);
+    ms = normed.sigmoid_();
+    spatial_stats = at::cat({save_mean, save_invstd});
+  } else {
+    ms = at::batch_norm(s, spatial_w, spatial_b, spatial_rm, spatial_rv, false, spatial_momentum,
+                        spatial_eps, false).sigmoid_();
+    spatial_stats = at::cat({*spatial_rm, *spatial_rv});
+  }
   const bool max_pool = std::find(pools.begin(), pools.end(), "max") != pools.end();
   if (!max_pool) idx_hw = at::empty({0, c}, idx_hw.options());
   const Tensor out = gate(x, alpha, beta, mc, ms, identity, false);
@@ -1304,7 +1315,7 @@ std::vector<Tensor> backward_train(
   check_numel(idx_hw_in, max_pool ? n * c : 0, "idx_hw");
   check_numel(means_in, n * c, "means");
   check_numel(block_stats, block ? 2 * c : 0, "block_stats");
-  check_numel(spatial_stats, spatial_batch ? 0 : 2, "spatial_stats");
+  check_numel(spatial_stats, 2, "spatial_stats");
   check_block(block_w, block_b, std::nullopt, std::nullopt, c);
   const at::ScalarType acc = acc_type(x);
   const auto fopt = x.options().dtype(acc);
@@ -1317,14 +1328,13 @@ std::vector<Tensor> backward_train(
   const std::vector<Tensor> reduced = backward_reduce(g_out, out, x, alpha, beta, mc, ms);
   const Tensor g_y = block ? reduced[0] : g_out;
 
-  // the spatial gate: sigmoid, BatchNorm2d(1) (batch statistics recomputed from the small
-  // map), the k x k conv
+  // the spatial gate: sigmoid, BatchNorm2d(1) (with the statistics the forward used), the
+  // k x k conv
   const Tensor g_normed = at::sigmoid_backward(reduced[1].to(ms.scalar_type()), ms);
   Tensor save_mean, save_invstd, run_mean, run_var;
   if (spatial_batch) {
-    auto [var, mu] = at::var_mean(s, at::IntArrayRef({0, 2, 3}), at::Scalar(0), false);
-    save_mean = mu;
-    save_invstd = (var + spatial_eps).rsqrt_();
+    save_mean = spatial_stats.slice(0, 0, 1);
+    save_invstd = spatial_stats.slice(0, 1, 2);
   } else {
     run_mean = spatial_stats.slice(0, 0, 1);
     run_var = spatial_stats.slice(0, 1, 2);
