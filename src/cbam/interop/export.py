@@ -24,7 +24,7 @@ from cbam.interop.attach import detector_parts
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
 
-Size = int | tuple[int, int]
+Size = int | tuple[int, ...]  # an int: H = W; a tuple: the spatial sizes (L; H, W; D, H, W)
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,7 +49,8 @@ def export_model(
     inference only. (Unfrozen traces of these models fail on their second call with grad
     enabled: TorchScript's optimiser trips over the in-place ReLU in the channel MLP.)
     Traced graphs keep the batch axis free: nothing in the models reshapes by batch size.
-    The example input is `batch_size` x `in_chans` x `input_size`.
+    The example input is `batch_size` x `in_chans` x `input_size` (an int: a square image; a
+    tuple: every spatial size, e.g. (L,) for a 1-D or (D, H, W) for a 3-D network).
     """
     if format not in FORMATS:
         raise unknown_choice("export format", format, FORMATS)
@@ -246,8 +247,8 @@ def _example(
     input_size: Size,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-    x = torch.randn(batch, in_chans, height, width, generator=generator)
+    sizes = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    x = torch.randn(batch, in_chans, *sizes, generator=generator)
     weight = next(model.parameters(), None)
     return x if weight is None else x.to(device=weight.device, dtype=weight.dtype)
 

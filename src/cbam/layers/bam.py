@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from cbam._checks import check_feature_map, hidden_channels
+from cbam._checks import BATCH_NORM, CONV, check_feature_map, check_spatial_dims, hidden_channels
 from cbam._errors import check_positive_int
 
 
@@ -14,40 +14,41 @@ class BAM(nn.Module):
     Spatial branch: 1x1 conv to C/r -> BN -> ReLU -> two dilated 3x3 convs (each BN, ReLU)
     -> 1x1 conv to 1 channel. Models put one BAM at each stage boundary, not in every block.
     The channel branch's BatchNorm1d needs more than one sample per batch when training.
+    `spatial_dims` 1 or 3 builds the spatial branch from 1-D or 3-D convs and BatchNorms.
     """
 
     placement = "stage"
 
-    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4) -> None:
+    def __init__(
+        self, channels: int, reduction: int = 16, dilation: int = 4, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
         hidden = hidden_channels(channels, reduction, "BAM")
         check_positive_int("BAM: dilation", dilation)
         self.channels = channels
+        self.spatial_dims = check_spatial_dims(spatial_dims, "BAM")
+        conv, batch_norm = CONV[spatial_dims], BATCH_NORM[spatial_dims]
         self.channel_mlp = nn.Sequential(
             nn.Linear(channels, hidden),
             nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, channels),
         )
-        layers: list[nn.Module] = [
-            nn.Conv2d(channels, hidden, 1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True),
-        ]
+        layers: list[nn.Module] = [conv(channels, hidden, 1), batch_norm(hidden), nn.ReLU(True)]
         for _ in range(2):
             layers += [
-                nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation),
-                nn.BatchNorm2d(hidden),
+                conv(hidden, hidden, 3, padding=dilation, dilation=dilation),
+                batch_norm(hidden),
                 nn.ReLU(inplace=True),
             ]
-        layers.append(nn.Conv2d(hidden, 1, 1))
+        layers.append(conv(hidden, 1, 1))
         self.spatial = nn.Sequential(*layers)
         self.sigmoid = nn.Sigmoid()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
@@ -57,9 +58,12 @@ class BAM(nn.Module):
                 m.reset_parameters()
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The N x C x H x W gate 1 + sigmoid(Mc + Ms), values in (1, 2)."""
-        check_feature_map(x, self.channels, "BAM")
-        channel_logits = self.channel_mlp(x.mean(dim=(2, 3))).unsqueeze(-1).unsqueeze(-1)
+        """The gate 1 + sigmoid(Mc + Ms), x's shape, values in (1, 2)."""
+        check_feature_map(x, self.channels, "BAM", self.spatial_dims)
+        pooled = x.mean(dim=[d for d in range(2, x.dim())])
+        channel_logits = self.channel_mlp(pooled).reshape(
+            list(pooled.shape) + [1] * self.spatial_dims
+        )
         return 1 + self.sigmoid(channel_logits + self.spatial(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

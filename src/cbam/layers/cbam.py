@@ -41,6 +41,10 @@ class CBAM(nn.Module):
             module hook) sits on a submodule such as `channel.sigmoid`, so hooks always see the
             gates; and under autocast, tracing, export, TorchScript, and deterministic CUDA.
             Change it later with `module.impl = ...` or `set_cbam_impl(model, ...)`.
+        spatial_dims: 2 (default) for N x C x H x W images; 1 for N x C x L signals, 3 for
+            N x C x D x H x W volumes and video: pooling over every spatial axis, a k or
+            k x k x k spatial conv with a 1-D or 3-D BatchNorm. The fused kernels are 2-D:
+            other dims run the reference path (`impl="fused"` is then an error).
     """
 
     placement = "block"
@@ -54,6 +58,7 @@ class CBAM(nn.Module):
         kernel_size: int = 7,
         order: str = "channel_spatial",
         impl: str = "auto",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if impl not in IMPLS:
@@ -68,9 +73,14 @@ class CBAM(nn.Module):
                 f"leave order at its default for channel attention only"
             )
         self.order = order
-        self.channel = ChannelAttention(channels, reduction, pool_types)
-        self.spatial = SpatialAttention(channels, kernel_size, spatial) if spatial else None
+        self.spatial_dims = spatial_dims
+        self.channel = ChannelAttention(channels, reduction, pool_types, spatial_dims)
+        self.spatial = (
+            SpatialAttention(channels, kernel_size, spatial, spatial_dims) if spatial else None
+        )
         reason = kernels.fused_unsupported_reason(self.channel.pool_types, order)
+        if spatial_dims != 2:
+            reason = f"spatial_dims={spatial_dims} (its kernels are 2-D)"
         if impl == "fused" and reason is not None:
             raise ValueError(
                 f"impl='fused' cannot compute {reason}; use impl='auto' to fall back to the "
@@ -153,7 +163,8 @@ class CBAM(nn.Module):
         return kernels.block_tail(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
 
     def extra_repr(self) -> str:
-        return f"order={self.order!r}, impl={self.impl!r}"
+        dims = "" if self.spatial_dims == 2 else f", spatial_dims={self.spatial_dims}"
+        return f"order={self.order!r}, impl={self.impl!r}{dims}"
 
 
 def set_cbam_impl(module: nn.Module, impl: str) -> int:

@@ -14,19 +14,22 @@ POOL_TYPES = ("avg", "max", "lp", "lse")
 
 
 def global_pool(x: torch.Tensor, pool_type: str) -> torch.Tensor:
-    """Pool an N x C x H x W tensor over H and W to N x C.
+    """Pool an N x C x ... tensor over all its spatial axes (L; H, W; or D, H, W) to N x C.
 
     "lp" is the authors' power-2 LP pool (the L2 norm over the map) and "lse" their
-    log-sum-exp pool; both are computed in float32, so large fp16/bf16 activations stay finite.
+    log-sum-exp pool; both are computed in float32 (float64 for float64 maps), so large
+    fp16/bf16 activations stay finite.
     """
+    dims = [d for d in range(2, x.dim())]
     if pool_type == "avg":
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=dims)
     if pool_type == "max":
-        return x.amax(dim=(2, 3))
+        return x.amax(dim=dims)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if pool_type == "lp":
-        return torch.linalg.vector_norm(x, ord=2, dim=(2, 3), dtype=torch.float32).to(x.dtype)
+        return torch.linalg.vector_norm(x, ord=2, dim=dims, dtype=acc).to(x.dtype)
     if pool_type == "lse":
-        return torch.logsumexp(x.flatten(2).float(), dim=2).to(x.dtype)
+        return torch.logsumexp(x.flatten(2).to(acc), dim=2).to(x.dtype)
     raise ValueError(f"unknown pool type '{pool_type}'; expected one of avg, max, lp, lse")
 
 
