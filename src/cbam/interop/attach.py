@@ -22,15 +22,16 @@ from cbam.interop.attached import Attached, Swapped, unwrap
 from cbam.interop.identity_blend import IdentityBlend
 from cbam.interop.resnet_slots import SUPPORTED as SLOT_FAMILIES
 from cbam.interop.resnet_slots import Slot, find_slots
-from cbam.interop.trace import Trace, trace_model
+from cbam.interop.trace import MAP_DIMS, Trace, trace_model
 from cbam.layers import CBAM
 from cbam.layers.create_attention import AttentionSpec
 from cbam.models._common import attention_builders
 
 SUPPORTED = (
-    "any CNN whose forward pass yields N x C x H x W feature maps: torchvision's and timm's "
-    "ResNet, ResNeXt, Wide ResNet, RegNet, MobileNet V2/V3, EfficientNet (V2), MNASNet, "
-    "ShuffleNet V2, ConvNeXt, GoogLeNet, Inception v3, DenseNet, SqueezeNet, VGG, AlexNet",
+    "any CNN whose forward pass yields N x C x H x W feature maps (or N x C x L, 1-D; "
+    "N x C x D x H x W, 3-D): torchvision's and timm's ResNet, ResNeXt, Wide ResNet, RegNet, "
+    "MobileNet V2/V3, EfficientNet (V2), MNASNet, ShuffleNet V2, ConvNeXt, GoogLeNet, "
+    "Inception v3, DenseNet, SqueezeNet, VGG, AlexNet; torchvision's video ResNets and S3D",
     *SLOT_FAMILIES,
 )
 OUT_OF_SCOPE = "transformers (ViT, Swin, MaxViT, DeiT, ...)"
@@ -42,6 +43,14 @@ FROZEN = (
 DETECTOR_PARTS = ("roi_heads", "rpn", "anchor_generator")
 # Tried in turn: Inception v3 needs more than 64 px, SSD300 more than 224.
 TRACE_SIZES = (64, 128, 224, 320)
+# The spatial sizes of a traced input for each size, by the first conv's dimensionality:
+# 1-D nets (signals, audio) downsample long sequences; video nets take 16 frames.
+TRACE_SHAPES = {
+    1: lambda size: (size * 16,),
+    2: lambda size: (size, size),
+    3: lambda size: (16, size, size),
+}
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -225,10 +234,11 @@ def _plan_from_trace(trace: Trace, placement: str, body: str, name: str) -> Plan
             f"{name} attends over tokens (softmax in {trace.token_attention[0] or 'forward'}): "
             f"attach takes convolutional networks; {OUT_OF_SCOPE} are out of scope"
         )
-    if not any(c.output_shape and len(c.output_shape) == 4 for c in trace.calls.values()):
+    if not any(c.output_shape and len(c.output_shape) in MAP_DIMS for c in trace.calls.values()):
         raise ValueError(
-            f"{name} has no convolutional feature maps (no module returns an N x C x H x W "
-            f"tensor), so there is nowhere to put CBAM. attach takes: {'; '.join(SUPPORTED)}"
+            f"{name} has no convolutional feature maps (no module returns an N x C x H x W, "
+            f"N x C x L or N x C x D x H x W tensor), so there is nowhere to put CBAM. attach "
+            f"takes: {'; '.join(SUPPORTED)}"
         )
     skipped: list[place.Skipped] = []
     if placement in ("auto", "residual"):
@@ -271,9 +281,10 @@ def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> T
         except (RuntimeError, ValueError, AssertionError, IndexError) as error:
             raise ValueError(
                 f"attach could not run {type(model).__name__} on example_input of shape "
-                f"{tuple(example.shape)}: {error}. Pass a batch the model takes (N x C x H x W)"
+                f"{tuple(example.shape)}: {error}. Pass a batch the model takes (N x C x ...)"
             ) from None
-    conv = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
+    conv = next((m for m in body.modules() if isinstance(m, CONVS)), None)
+    dims = 2 if conv is None else len(conv.kernel_size)
     weight = next(body.parameters(), None)
     # The first conv's input channels, else RGB: a space-to-depth stem (TResNet) takes 3
     # channels although its first conv takes 48.
@@ -281,17 +292,17 @@ def _trace(body: nn.Module, example: torch.Tensor | None, model: nn.Module) -> T
     error: Exception | None = None
     for size in TRACE_SIZES:
         for in_chans in channels:
-            x = torch.zeros(1, in_chans, size, size)
+            x = torch.zeros(1, in_chans, *TRACE_SHAPES[dims](size))
             if weight is not None:
                 x = x.to(device=weight.device, dtype=weight.dtype)
             try:
                 return trace_model(body, x)
             except (RuntimeError, ValueError, AssertionError, IndexError) as caught:
                 error = caught
-    in_chans = channels[0]
+    shapes = ", ".join(" x ".join(map(str, TRACE_SHAPES[dims](s))) for s in TRACE_SIZES)
     raise ValueError(
-        f"attach could not run {type(model).__name__} on a 1 x {in_chans} x H x W image "
-        f"(H = W in {TRACE_SIZES}): {error}. Pass example_input= a batch the model takes; "
+        f"attach could not run {type(model).__name__} on a 1 x {channels[0]} x ... input "
+        f"({shapes}): {error}. Pass example_input= a batch the model takes; "
         f"attach takes convolutional image models, {OUT_OF_SCOPE} are out of scope"
     )
 
@@ -303,13 +314,13 @@ def layer_builder(attention: AttentionSpec, kwargs: dict[str, Any]) -> Callable[
     if "reduction" in kwargs:
         return build
 
-    def narrow_enough(channels: int) -> nn.Module:
+    def narrow_enough(channels: int, **site: Any) -> nn.Module:
         try:
-            return build(channels)
+            return build(channels, **site)
         except ValueError as error:
             if "reduction" not in str(error):
                 raise
-            return _checked_builder(attention, {**kwargs, "reduction": channels})(channels)
+            return _checked_builder(attention, {**kwargs, "reduction": channels})(channels, **site)
 
     return narrow_enough
 
@@ -344,8 +355,20 @@ def _fill_slots(
         slot.fill(_placed(layer, slot.block))
 
 
-def _layer(build: Callable[[int], nn.Module], site: place.Site, identity_init: bool) -> nn.Module:
-    layer = build(site.channels)
+def _layer(build: Callable[..., nn.Module], site: place.Site, identity_init: bool) -> nn.Module:
+    if site.spatial_dims == 2:
+        layer = build(site.channels)
+    else:  # a 1-D or 3-D network: the layer of its dimensionality
+        try:
+            layer = build(site.channels, spatial_dims=site.spatial_dims)
+        except TypeError as error:
+            if "spatial_dims" not in str(error):
+                raise
+            raise ValueError(
+                f"{site.path} outputs a {site.spatial_dims}-D feature map, so the attention "
+                f"must take spatial_dims={site.spatial_dims} as cbam's layers do; this callable "
+                f"does not ({error})"
+            ) from None
     if identity_init and site.placement != "replace-se":
         layer = IdentityBlend(layer)
     return layer

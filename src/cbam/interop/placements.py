@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cbam.interop.trace import ModuleCall, Trace
+from cbam.interop.trace import MAP_DIMS, ModuleCall, Trace
 
 PLACEMENTS = ("auto", "residual", "replace-se", "stage")
 
@@ -38,6 +38,7 @@ class Site:
     channels: int
     placement: str
     note: str = ""
+    spatial_dims: int = 2  # of its feature map: 1 (N x C x L), 2 or 3 (N x C x D x H x W)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def residual_sites(trace: Trace) -> tuple[list[Site], list[Skipped]]:
         # no parameters): attention then sees the whole branch, and drop-path drops it too.
         weighted = [p for p in inside if trace.calls[p].has_parameters]
         path = (weighted or inside)[-1]
-        sites.setdefault(path, Site(path, add.shape[1], "residual"))
+        sites.setdefault(path, Site(path, add.shape[1], "residual", "", len(add.shape) - 2))
     return list(sites.values()), skipped
 
 
@@ -79,7 +80,8 @@ def se_sites(trace: Trace) -> list[Site]:
     sites: dict[str, Site] = {}
     for gate in trace.gates:
         if not in_head(gate.path) and gate.path:
-            sites.setdefault(gate.path, Site(gate.path, gate.channels, "replace-se"))
+            site = Site(gate.path, gate.channels, "replace-se", "", gate.spatial_dims)
+            sites.setdefault(gate.path, site)
     nested = {p for p in sites if any(_inside(p, q) and p != q for q in sites)}
     return [s for p, s in sites.items() if p not in nested]
 
@@ -94,8 +96,7 @@ def stage_sites(trace: Trace) -> list[Site]:
         and not in_head(c.path)
         and c.input_shape is not None
         and c.output_shape is not None
-        and len(c.input_shape) == 4
-        and len(c.output_shape) == 4
+        and len(c.input_shape) == len(c.output_shape) in MAP_DIMS
         and c.input_shape[2:] == c.output_shape[2:]
     ]
     paths = {c.path for c in keep}
@@ -111,10 +112,11 @@ def stage_sites(trace: Trace) -> list[Site]:
         chosen.append([c for c in group if c.path.count(".") == shallowest][-1])
     chosen.sort(key=lambda c: c.order)
     return [
-        Site(trace.outermost.get(c.path, c.path), c.output_shape[1], "stage")
+        Site(trace.outermost.get(c.path, c.path), c.output_shape[1], "stage", "",
+             len(c.output_shape) - 2)
         for c in chosen
         if c.output_shape
-    ]
+    ]  # fmt: skip
 
 
 def _inside(path: str, block: str) -> bool:

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+# Feature maps: N x C x L (1-D signals), N x C x H x W (images), N x C x D x H x W (video).
+MAP_DIMS = (3, 4, 5)
 ADDS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 MULS = {"mul", "mul_", "__mul__", "__imul__", "__rmul__"}
 # Operations that count as one layer of depth along a path (to tell skip from branch).
@@ -45,7 +47,7 @@ class ModuleCall:
 
 @dataclass
 class ResidualAdd:
-    """`a + b` of two same-shaped N x C x H x W maps, inside module `block`."""
+    """`a + b` of two same-shaped feature maps (N x C x ...), inside module `block`."""
 
     block: str
     shape: tuple[int, ...]
@@ -59,6 +61,7 @@ class ChannelGate:
 
     path: str
     channels: int
+    spatial_dims: int = 2
 
 
 @dataclass
@@ -98,7 +101,8 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps every seen tensor alive: ids stay unique
         self.depth: dict[int, int] = {}
         self.producers: dict[int, list[str]] = {}
-        self.gated: dict[int, tuple[int, int]] = {}  # product id -> (input id, channels)
+        # product id -> (input id, channels, spatial dims)
+        self.gated: dict[int, tuple[int, int, int]] = {}
 
     @contextmanager
     def hooks(self) -> Iterator[None]:
@@ -130,7 +134,7 @@ class _Recorder(TorchFunctionMode):
                 self.producers.setdefault(id(output), []).append(path)
                 gate = self.gated.get(id(output))
                 if gate is not None and isinstance(given, torch.Tensor) and gate[0] == id(given):
-                    self.trace.gates.append(ChannelGate(path, gate[1]))
+                    self.trace.gates.append(ChannelGate(path, gate[1], gate[2]))
                     del self.gated[id(output)]
             if path in self.trace.calls:
                 self.trace.calls[path].count += 1
@@ -165,7 +169,7 @@ class _Recorder(TorchFunctionMode):
         return output
 
     def _residual(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.dim() != 4 or a.shape != b.shape or a is b:
+        if a.dim() not in MAP_DIMS or a.shape != b.shape or a is b:
             return
         if id(a) not in self.depth or id(b) not in self.depth:  # a parameter or a constant
             return
@@ -180,9 +184,9 @@ class _Recorder(TorchFunctionMode):
 
     def _gate(self, output: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         for x, g in ((a, b), (b, a)):
-            maps = x.dim() == 4 and g.dim() == 4 and x.shape[2:] != (1, 1)
-            if maps and g.shape[2:] == (1, 1) and g.shape[:2] == x.shape[:2]:
-                self.gated[id(output)] = (id(x), int(x.shape[1]))
+            maps = x.dim() in MAP_DIMS and g.dim() == x.dim() and x.shape[2:].numel() > 1
+            if maps and g.shape[2:].numel() == 1 and g.shape[:2] == x.shape[:2]:
+                self.gated[id(output)] = (id(x), int(x.shape[1]), x.dim() - 2)
 
 
 def _over_tokens(name: str, tensors: list[torch.Tensor]) -> bool:

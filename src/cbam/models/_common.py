@@ -13,7 +13,7 @@ from cbam._errors import unknown_kwargs
 from cbam.layers import BAM, ChannelAttention, SpatialAttention, get_attention
 from cbam.layers.create_attention import AttentionSpec
 
-AttentionBuilder = Callable[[int], nn.Module]
+AttentionBuilder = Callable[..., nn.Module]  # (channels, **site) -> layer
 
 
 def attention_builders(
@@ -40,8 +40,8 @@ def attention_builders(
         if error is not None:
             raise error
 
-    def build(channels: int) -> nn.Module:
-        return factory(channels, **kwargs)
+    def build(channels: int, **site: Any) -> nn.Module:  # site: e.g. spatial_dims=3
+        return factory(channels, **{**kwargs, **site})
 
     if getattr(factory, "placement", "block") == "stage":
         return None, build
