@@ -37,7 +37,7 @@ def test_dry_run_runs_every_part_and_writes_both_reports(tmp_path):
     else:
         assert sum(group["triton"] for group in cases.values()) > 0
     eager = parts["bench-eager"]["figures"]
-    assert len(eager["runs"]) == 3 and "aten::" in eager["profile"]
+    assert len(eager["runs"]) == 4 and "aten::" in eager["profile"]
     variants = {m["variant"] for m in eager["runs"][0]["summary"]["models"]}
     assert {"plain", "se", "cbam-reference", "cbam-fused"} <= variants
     assert all(m["train_img_s"] > 0 for m in eager["runs"][0]["summary"]["models"])

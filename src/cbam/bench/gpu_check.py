@@ -408,6 +408,15 @@ def bench_runs(settings: Settings, compiled: bool) -> list[tuple[str, Any]]:
             BenchConfig(**common, amp="bf16", memory_formats=("channels_last",), variants=everyone),
         ),
         (
+            "eager, AMP fp16, NCHW and channels_last",
+            BenchConfig(
+                **common,
+                amp="fp16",
+                memory_formats=("nchw", "channels_last"),
+                variants=("plain", "cbam-reference", "cbam-fused"),
+            ),
+        ),
+        (
             f"eager, {weights} weights, NCHW",
             BenchConfig(**common, dtype=weights, variants=kernels_off),
         ),

@@ -602,7 +602,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amp", choices=AMP_DTYPES,
         help="run each call under autocast to this dtype (fp16 without a grad scaler: timing "
-        "only). The fused CBAM runs its reference path under autocast",
+        "only); the fused CBAM keeps the map in that dtype and accumulates in fp32",
     )  # fmt: skip
     parser.add_argument(
         "--keep-denormals", action="store_true",

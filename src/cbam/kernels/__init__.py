@@ -32,6 +32,7 @@ from cbam.kernels.fused_cbam import fused_cbam_residual as block_tail
 __all__ = [
     "FUSED_ORDERS",
     "FUSED_POOL_TYPES",
+    "autocast_off",
     "batch_norm_settings",
     "block_tail",
     "disabled",
@@ -44,17 +45,26 @@ __all__ = [
 
 def fused_applies(x: torch.Tensor) -> bool:
     """Whether the fused path may run on `x` in the current context: not while tracing,
-    exporting or counting shapes (those want the reference graph), not under autocast (the
-    fused function does not reproduce autocast's per-op dtypes), and not in deterministic mode
-    off the CPU (its backward scatters with atomics there)."""
+    exporting or counting shapes (those want the reference graph), and not in deterministic
+    mode off the CPU (its backward scatters with atomics there). Under autocast it runs in
+    the map's own dtype (`autocast_off`)."""
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
     device = x.device.type
     if device == "meta" or torch.compiler.is_exporting():
         return False
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return False
     return device == "cpu" or not torch.are_deterministic_algorithms_enabled()
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """The context the fused path runs in: under autocast, autocast off, so the kernels keep
+    the map in the dtype autocast gave it (bf16 / fp16 loads and stores, fp32 accumulation of
+    the pools, the MLP, the spatial conv and BatchNorm, with the fp32 parameters) instead of
+    having their small ops recast one by one; elsewhere nothing."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

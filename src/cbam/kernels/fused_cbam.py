@@ -157,7 +157,8 @@ def _gates(
     source = None
     if p["conv_w"] is not None and p["parallel"]:  # the spatial gate sees x, not x * Mc
         source, idx_c = _compress(x, p, for_backward)
-    u = x.mul_(mc[:, :, None, None]) if in_place else x * mc[:, :, None, None]
+    gate = mc.to(x.dtype)[:, :, None, None]  # under autocast: fp32 gate, bf16 / fp16 map
+    u = x.mul_(gate) if in_place else x * gate
     if p["conv_w"] is None:
         return u, None, saved
     if source is None:
@@ -170,6 +171,7 @@ def _gates(
 def _channel_gate(pooled: torch.Tensor, p: dict[str, Any]) -> tuple[torch.Tensor, Saved]:
     """Mc = sigmoid(sum over pools of MLP(pool)), N x C, from the P x N x C pooled vectors
     (one batched MLP call, as in the reference)."""
+    pooled = pooled.to(p["w1"].dtype)  # under autocast: half-precision pools, fp32 MLP
     hidden = torch.relu(F.linear(pooled, p["w1"], p["b1"]))
     # The second layer is linear: applied once to the sum of the hidden activations (with P
     # times its bias) it gives the sum of the P outputs for half the work.
@@ -186,6 +188,7 @@ def _spatial_gate(
 ) -> torch.Tensor:
     """Ms = sigmoid(BN(conv(compressed))), N x 1 x H x W; what its backward needs goes into
     `saved` (in eval mode a copy of the BN statistics used)."""
+    compressed = compressed.to(p["conv_w"].dtype)  # under autocast: the small map in fp32
     s = F.conv2d(compressed, p["conv_w"], padding=p["padding"])
     bn_args = (p["bn_w"], p["bn_b"], p["bn_rm"], p["bn_rv"], p["bn_training"])
     # The backward takes the batch statistics the forward used, as BatchNorm's own backward
@@ -265,7 +268,7 @@ def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tu
     """Through sigmoid, BatchNorm2d(1) and the k x k conv: the grads of (compressed map, conv
     weight, BN weight, BN bias)."""
     ms, s = saved["ms"], saved["s"]
-    g_normed = torch.ops.aten.sigmoid_backward(g_ms, ms)
+    g_normed = torch.ops.aten.sigmoid_backward(g_ms.to(ms.dtype), ms)
     eps = p["bn_eps"]
     if p["bn_training"]:
         stats = (None, None, saved["bn_mean"], saved["bn_invstd"])
@@ -287,7 +290,7 @@ def _spatial_backward(g_ms: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tu
 def _mlp_backward(g_mc: torch.Tensor, saved: Saved, p: dict[str, Any]) -> tuple[Any, ...]:
     """Through sigmoid(sum over pools of MLP(pool)): the grads of (pooled, w1, b1, w2, b2)."""
     mc, pooled, hidden = saved["mc"], saved["pooled"], saved["hidden"]
-    g_logits = torch.ops.aten.sigmoid_backward(g_mc, mc)  # the same for every pool's MLP
+    g_logits = torch.ops.aten.sigmoid_backward(g_mc.to(mc.dtype), mc)  # same for every pool
     g_w2 = g_logits.t().mm(hidden.sum(dim=0))
     g_b2 = g_logits.sum(dim=0) * hidden.shape[0]
     g_hidden = g_logits.mm(p["w2"]).unsqueeze(0) * (hidden > 0)  # P x N x hidden
@@ -403,7 +406,7 @@ def _gates_backward(
         idx_c = saved["idx_c"]
         if idx_c is not None:  # the channel max: its grad goes to the argmax channel
             g_max = g_compressed[:, :1]
-            t.scatter_add_(1, idx_c, g_max)
+            t.scatter_add_(1, idx_c, g_max.to(t.dtype))
             sp_1 = _scatter_nc(idx_c, g_max * cold["at_c"], c)
             sp_0 = _scatter_nc(idx_c, g_max, c) if block else None
             if block:
@@ -423,7 +426,7 @@ def _gates_backward(
         if g_avg is not None:
             t.add_(_per_channel(g_avg))
         if g_max_hw is not None:
-            t.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), g_max_hw.unsqueeze(2))
+            t.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), g_max_hw.unsqueeze(2).to(t.dtype))
         return t, grads
     assert t0 is not None and t1 is not None
     sum_0 = t0 * multiplier if multiplier is not None else t0  # sum over HW of grad x
@@ -443,7 +446,7 @@ def _gates_backward(
     if k2 is not None:
         t.addcmul_(base, _per_channel(k2.unsqueeze(0)))
     if g_max_hw is not None:
-        t.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), (k1 * g_max_hw).unsqueeze(2))
+        t.flatten(2).scatter_add_(2, idx_hw.unsqueeze(2), (k1 * g_max_hw).unsqueeze(2).to(t.dtype))
     return t, grads
 
 

@@ -39,7 +39,9 @@ class CBAM(nn.Module):
             but a variant the fused path cannot compute (lp/lse pooling, spatial_channel) is
             an error. Both fused modes run the reference when a forward hook (or any other
             module hook) sits on a submodule such as `channel.sigmoid`, so hooks always see the
-            gates; and under autocast, tracing, export, TorchScript, and deterministic CUDA.
+            gates; and under tracing, export, TorchScript, and deterministic CUDA. Under
+            autocast the fused path keeps the map in the dtype autocast gave it (bf16 / fp16)
+            and accumulates in fp32 (`kernels.autocast_off`).
             Change it later with `module.impl = ...` or `set_cbam_impl(model, ...)`.
         spatial_dims: 2 (default) for N x C x H x W images; 1 for N x C x L signals, 3 for
             N x C x D x H x W volumes and video: pooling over every spatial axis, a k or
@@ -138,7 +140,8 @@ class CBAM(nn.Module):
 
     @torch.jit.unused
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.forward(x, self._fused_params())
+        with kernels.autocast_off(x):
+            return kernels.forward(x, self._fused_params())
 
     @torch.jit.unused
     def fused_residual(
@@ -160,7 +163,8 @@ class CBAM(nn.Module):
             return None
         if not self._use_fused(pre_bn, hooks_on_self=True):
             return None
-        return kernels.block_tail(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
+        with kernels.autocast_off(pre_bn):
+            return kernels.block_tail(pre_bn, bn, identity, self._fused_params(), pre_bn_scratch)
 
     def extra_repr(self) -> str:
         dims = "" if self.spatial_dims == 2 else f", spatial_dims={self.spatial_dims}"
