@@ -18,7 +18,7 @@ HAVE_FASHION_MNIST := $(foreach f,$(FASHION_MNIST_FILES),\
 WITH_DATA := CBAM_FASHION_MNIST=$(FASHION_MNIST)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: main data test test-slow lint format clean gpu-check
+.PHONY: main data test test-slow lint format clean gpu-check docs
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ test-slow: $(INSTALLED) data  ## tests that take minutes (full-resolution models
 gpu-check:  ## the CUDA path on one GPU (~8 min), with the machine's own python3; OUTPUT=DIR, ARGS=--dry-run
 	PYTHONPATH=src $(PYTHON) scripts/gpu_check.py --output $(or $(OUTPUT),runs/gpu-check) $(ARGS)
 
+docs: $(INSTALLED)  ## the documentation site (mkdocs.yml) into site/, strict: a broken link fails
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(INSTALLED)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
@@ -61,4 +64,4 @@ format: $(INSTALLED)
 	$(BIN)/ruff format src tests scripts
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache
