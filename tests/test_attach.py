@@ -162,3 +162,15 @@ def test_attached_model_exports_to_onnx(tmp_path):
     path = cbam.export_model(model, tmp_path / "tv.onnx", input_size=64, dynamo=False)
     diffs = cbam.verify_export(model, path, input_size=64)
     assert max(diffs.values()) < 1e-4
+
+
+def test_replace_with_another_placement():
+    """Attached at the residual branches, then replace=True at the SE layers: the new plan's
+    paths are the plain network's (they used to be looked up in the wrapped one and fail)."""
+    model = torchvision.models.mobilenet_v3_small().eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model(x)
+    cbam.attach(model, "cbam", identity_init=True)
+    cbam.attach(model, "cbam", identity_init=True, replace=True, placement="replace-se")
+    assert sum(isinstance(m, cbam.CBAM) for m in model.modules()) == 9  # its 9 SE layers
+    torch.testing.assert_close(model.eval()(x), before, rtol=0, atol=0)

@@ -165,9 +165,12 @@ def plan_attach(
             f"{type(model).__name__} was built with attention ({built_in[0]}, ...); build it "
             f"with attention=None to attach instead"
         )
-    trace = _trace(_plain_copy(body) if attached else body, example_input, model)
+    # Sites are paths in the plain network (what was attached before is removed first):
+    # traced, and checked for frozen layers, there.
+    plain = _plain_copy(body) if attached else body
+    trace = _trace(plain, example_input, model)
     return _without_frozen(
-        _plan_from_trace(trace, placement, body_path, type(model).__name__), body
+        _plan_from_trace(trace, placement, body_path, type(model).__name__), plain
     )
 
 
