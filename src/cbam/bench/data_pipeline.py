@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbam._device import resolve_device
 from cbam.bench.overhead import BenchConfig, machine_info
 from cbam.data import DataSplits, split_batches
 from cbam.training import load_config, train
@@ -46,7 +47,7 @@ def trainers_setup(
 ) -> tuple[torch.device, DataSplits, nn.Module]:
     """The device, data and model as the trainer makes them (denormals, seed, layout)."""
     torch.set_flush_denormal(config.flush_denormal)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     splits = build_splits(config, data_path).to(device, config.channels_last)
     torch.manual_seed(config.seed)
     model = build_model(config, splits).to(device)

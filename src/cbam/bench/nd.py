@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from cbam._argtypes import positive_int
 from cbam._checks import BATCH_NORM, CONV
 from cbam.layers import CBAM
 
@@ -75,11 +76,15 @@ def markdown(rows: Sequence[dict[str, object]], channels: int, batch: int) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbam.bench.nd", description=__doc__)
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--channels", type=positive_int, default=64, help="at least 16")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     args = parser.parse_args(argv)
-    print(markdown(measure(args.channels, args.batch, args.repeats), args.channels, args.batch))
+    try:
+        rows = measure(args.channels, args.batch, args.repeats)
+    except ValueError as error:  # e.g. fewer channels than CBAM's reduction of 16
+        parser.error(str(error))
+    print(markdown(rows, args.channels, args.batch))
     return 0
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from cbam._argtypes import non_negative_int, output_file, positive_int
 from cbam._device import resolve_device
+from cbam._errors import check_positive_int
 from cbam.bench.memory import peak_memory_bytes, tensor_bytes
 from cbam.bench.stats import Summary, paired_ratios, rotations, summarize
 from cbam.models._registry import model_entry
@@ -433,13 +434,12 @@ def run_overhead(config: BenchConfig, log: Callable[[str], None] | None = None) 
         for value in values:
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
-    for name in ("batch_size", "image_size", "in_chans", "num_classes", "repeats", "warmup"):
-        value = getattr(config, name)
-        least = 0 if name == "warmup" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if config.threads is not None and config.threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {config.threads!r}")
+    for name in ("batch_size", "image_size", "in_chans", "num_classes", "repeats"):
+        check_positive_int(name, getattr(config, name))
+    if config.threads is not None:
+        check_positive_int("threads", config.threads)
+    if isinstance(config.warmup, bool) or not isinstance(config.warmup, int) or config.warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {config.warmup!r}")
     model_entry(config.model)
     device = resolve_device(config.device)
     if config.threads is not None:

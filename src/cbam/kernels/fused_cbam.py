@@ -52,8 +52,12 @@ BLOCK_BN_NAMES = ("w", "b", "rm", "rv", "training", "momentum", "eps")
 Saved = dict[str, Any]
 
 
-def fused_unsupported_reason(pool_types: Sequence[str], order: str) -> str | None:
+def fused_unsupported_reason(
+    pool_types: Sequence[str], order: str, spatial_dims: int = 2
+) -> str | None:
     """Why the fused path cannot compute this CBAM variant, or None when it can."""
+    if spatial_dims != 2:
+        return f"spatial_dims={spatial_dims} (its kernels are 2-D)"
     others = [p for p in pool_types if p not in FUSED_POOL_TYPES]
     if others:
         return f"pool types {others} (it computes {' and '.join(FUSED_POOL_TYPES)} pooling)"
@@ -685,6 +689,11 @@ def _block_batch_norm(x: torch.Tensor, bn: dict[str, Any]) -> tuple[torch.Tensor
 
 # --------------------------------------------------------------------------- entry points
 
+# Where `_check_map` finds two settings in `params` (PARAM_NAMES + SETTING_NAMES), without
+# building the dict every call.
+_CONV_W = PARAM_NAMES.index("conv_w")
+_BN_TRAINING = len(PARAM_NAMES) + SETTING_NAMES.index("bn_training")
+
 
 def _check_map(x: torch.Tensor, params: Sequence[Any], what: str) -> None:
     """Refuse, before any kernel runs, a map the fused path cannot take: the kernels index
@@ -707,8 +716,7 @@ def _check_map(x: torch.Tensor, params: Sequence[Any], what: str) -> None:
             f"{what}: the map (shape {list(x.shape)}, on {x.device}) does not fit the "
             f"parameters ({w1.shape[1]} channels, on {w1.device})"
         )
-    p = dict(zip(PARAM_NAMES + SETTING_NAMES, params, strict=True))
-    if p["conv_w"] is not None and p["bn_training"]:
+    if params[_CONV_W] is not None and params[_BN_TRAINING]:
         F._verify_batch_size((x.shape[0], 1, *x.shape[2:]))
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from cbam._checks import BATCH_NORM, CONV, check_feature_map, check_spatial_dims, hidden_channels
 from cbam._errors import check_positive_int
+from cbam.layers.pooling import global_pool
 
 
 class BAM(nn.Module):
@@ -60,7 +61,7 @@ class BAM(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate 1 + sigmoid(Mc + Ms), x's shape, values in (1, 2)."""
         check_feature_map(x, self.channels, "BAM", self.spatial_dims)
-        pooled = x.mean(dim=[d for d in range(2, x.dim())])
+        pooled = global_pool(x, "avg")
         channel_logits = self.channel_mlp(pooled).reshape(
             list(pooled.shape) + [1] * self.spatial_dims
         )

@@ -80,9 +80,7 @@ class CBAM(nn.Module):
         self.spatial = (
             SpatialAttention(channels, kernel_size, spatial, spatial_dims) if spatial else None
         )
-        reason = kernels.fused_unsupported_reason(self.channel.pool_types, order)
-        if spatial_dims != 2:
-            reason = f"spatial_dims={spatial_dims} (its kernels are 2-D)"
+        reason = kernels.fused_unsupported_reason(self.channel.pool_types, order, spatial_dims)
         if impl == "fused" and reason is not None:
             raise ValueError(
                 f"impl='fused' cannot compute {reason}; use impl='auto' to fall back to the "

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbam._argtypes import output_folder, positive_int
 from cbam._checks import BATCH_NORM, CONV
-from cbam._paths import check_output_folder
 from cbam.layers import create_attention
 from cbam.reproduce.stats import describe, paired_difference
 
@@ -221,12 +221,13 @@ def report(results: Sequence[RunResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cbam.reproduce.nd", description=__doc__)
-    parser.add_argument("--output", default="runs/nd", help="folder for nd.md and nd.csv")
+    parser.add_argument("--output", type=output_folder, default="runs/nd",
+                        help="folder for nd.md and nd.csv")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     args = parser.parse_args(argv)
-    output = check_output_folder(args.output, "--output")
+    output = args.output
     if args.threads:
         torch.set_num_threads(args.threads)
     output.mkdir(parents=True, exist_ok=True)
